@@ -1,0 +1,162 @@
+"""Argument normalisation and validation for the neighborhood attention ops.
+
+Everything here runs on shapes and Python values only, before anything is traced, so a
+bad call fails with a ``ValueError`` that names the argument and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("xla", "cpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighborhood:
+  """Static description of the neighbourhood along each spatial axis (hashable)."""
+
+  kernel_size: tuple[int, ...]
+  stride: tuple[int, ...]
+  dilation: tuple[int, ...]
+  is_causal: tuple[bool, ...]
+
+  @property
+  def rank(self) -> int:
+    return len(self.kernel_size)
+
+  @property
+  def window_size(self) -> int:
+    return int(np.prod(self.kernel_size))
+
+  @property
+  def rpb_shape_tail(self) -> tuple[int, ...]:
+    return tuple(2 * k - 1 for k in self.kernel_size)
+
+  def padded_to_rank3(self) -> "Neighborhood":
+    """The same neighbourhood on rank-3 inputs with leading size-1 axes (what kernels see)."""
+    pad = 3 - self.rank
+    return Neighborhood((1,) * pad + self.kernel_size, (1,) * pad + self.stride,
+                        (1,) * pad + self.dilation, (False,) * pad + self.is_causal)
+
+
+def per_axis(value, rank: int, name: str, kind=int) -> tuple:
+  """Turns an int (or bool) or a sequence of `rank` of them into a tuple of length `rank`."""
+  if isinstance(value, (bool, np.bool_)) and kind is bool:
+    return (bool(value),) * rank
+  if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+    if kind is bool:
+      raise ValueError(f"{name}={value!r} must be a bool or a tuple of {rank} bools.")
+    return (int(value),) * rank
+  if isinstance(value, Sequence) and not isinstance(value, str):
+    if len(value) != rank:
+      raise ValueError(f"{name}={tuple(value)!r} must have one entry per spatial axis ({rank}).")
+    ok = all(isinstance(x, (bool, np.bool_)) for x in value) if kind is bool else all(
+        isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in value)
+    if ok:
+      return tuple(kind(x) for x in value)
+  expected = "bool" if kind is bool else "int"
+  raise ValueError(f"{name}={value!r} must be an {expected} or a tuple of {rank} {expected}s.")
+
+
+def make_neighborhood(rank, spatial_shape, kernel_size, stride, dilation, is_causal) -> Neighborhood:
+  """Normalises per-axis arguments and checks them against the spatial shape."""
+  nbhd = Neighborhood(per_axis(kernel_size, rank, "kernel_size"), per_axis(stride, rank, "stride"),
+                      per_axis(dilation, rank, "dilation"),
+                      per_axis(is_causal, rank, "is_causal", kind=bool))
+  for axis, (length, k, s, d) in enumerate(
+      zip(spatial_shape, nbhd.kernel_size, nbhd.stride, nbhd.dilation)):
+    if k < 2:
+      raise ValueError(f"kernel_size={nbhd.kernel_size}: every kernel size must be >= 2 "
+                       f"(axis {axis} has {k}).")
+    if d < 1:
+      raise ValueError(f"dilation={nbhd.dilation}: every dilation must be >= 1 (axis {axis}).")
+    if not 1 <= s <= k:
+      raise ValueError(f"stride={nbhd.stride}: every stride must be in [1, kernel_size] "
+                       f"(axis {axis}: stride {s}, kernel_size {k}).")
+    if k * d > length:
+      raise ValueError(
+          f"kernel_size={nbhd.kernel_size} with dilation={nbhd.dilation} does not fit the input: "
+          f"kernel_size * dilation must be <= the spatial size along every axis "
+          f"(axis {axis}: {k} * {d} > {length}).")
+  return nbhd
+
+
+def _shape(x, name):
+  shape = getattr(x, "shape", None)
+  if shape is None:
+    raise ValueError(f"{name} must be an array, got {type(x).__name__}.")
+  return tuple(shape)
+
+
+def check_dtype(x, name, allowed=SUPPORTED_DTYPES):
+  dtype = np.dtype(x.dtype).name
+  if dtype not in allowed:
+    raise ValueError(f"{name}.dtype={dtype} is not supported; use one of {allowed}.")
+
+
+def check_qkv(rank: int, query, key, value):
+  """Checks `[B, *spatial, H, D]` query and key/value shapes (GQA allowed); returns heads."""
+  q_shape, k_shape, v_shape = _shape(query, "query"), _shape(key, "key"), _shape(value, "value")
+  if len(q_shape) != rank + 3:
+    raise ValueError(f"query.shape={q_shape} must be [batch, *spatial ({rank} axes), heads, "
+                     f"head_dim] (rank {rank + 3}).")
+  for name, shape in (("key", k_shape), ("value", v_shape)):
+    if len(shape) != rank + 3:
+      raise ValueError(f"{name}.shape={shape} must have rank {rank + 3} like query.shape={q_shape}.")
+    if shape[:rank + 1] != q_shape[:rank + 1]:
+      raise ValueError(f"{name}.shape={shape} must match query.shape={q_shape} in batch and "
+                       f"spatial axes.")
+  if k_shape != v_shape:
+    raise ValueError(f"key.shape={k_shape} and value.shape={v_shape} must be equal.")
+  if k_shape[-1] != q_shape[-1]:
+    raise ValueError(f"key head_dim {k_shape[-1]} must equal query head_dim {q_shape[-1]} "
+                     f"({q_shape=}, {k_shape=}).")
+  heads, kv_heads = q_shape[-2], k_shape[-2]
+  if kv_heads < 1 or heads % kv_heads:
+    raise ValueError(f"key/value heads ({kv_heads}) must divide query heads ({heads}) "
+                     f"for GQA/MQA ({q_shape=}, {k_shape=}).")
+  if not (query.dtype == key.dtype == value.dtype):
+    raise ValueError(f"query, key and value must share one dtype, got {query.dtype}, "
+                     f"{key.dtype}, {value.dtype}.")
+  return heads
+
+
+def check_rpb(rpb, heads: int, nbhd: Neighborhood):
+  if rpb is None:
+    return
+  expected = (heads,) + nbhd.rpb_shape_tail
+  if _shape(rpb, "rpb") != expected:
+    raise ValueError(f"rpb.shape={tuple(rpb.shape)} must be [heads, 2*kernel_size-1 per axis] "
+                     f"= {expected}.")
+  if not np.issubdtype(np.dtype(rpb.dtype), np.floating):
+    raise ValueError(f"rpb.dtype={rpb.dtype} must be floating point.")
+
+
+def check_additional_kv(additional_keys, additional_values, query, key):
+  if additional_keys is None and additional_values is None:
+    return
+  if additional_keys is None or additional_values is None:
+    raise ValueError("additional_keys and additional_values must be given together.")
+  ak, av = _shape(additional_keys, "additional_keys"), _shape(additional_values, "additional_values")
+  b, heads_kv, dim = query.shape[0], key.shape[-2], query.shape[-1]
+  for name, shape in (("additional_keys", ak), ("additional_values", av)):
+    if len(shape) != 4 or shape[0] != b or shape[2] != heads_kv or shape[3] != dim:
+      raise ValueError(f"{name}.shape={shape} must be [batch={b}, tokens, kv_heads={heads_kv}, "
+                       f"head_dim={dim}].")
+  if ak != av:
+    raise ValueError(f"additional_keys.shape={ak} and additional_values.shape={av} must be equal.")
+  if ak[1] < 1:
+    raise ValueError(f"additional_keys.shape={ak} must hold at least one token.")
+  if additional_keys.dtype != query.dtype or additional_values.dtype != query.dtype:
+    raise ValueError("additional_keys/additional_values must have the dtype of query "
+                     f"({query.dtype}), got {additional_keys.dtype}, {additional_values.dtype}.")
+
+
+def check_backend(backend):
+  if backend is not None and backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r} is unknown; use None (fastest available) or one of "
+                     f"{BACKENDS}.")

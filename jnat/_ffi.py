@@ -1,0 +1,271 @@
+"""The ``"cpu"`` and ``"cuda"`` backends: the C++/CUDA kernels as XLA FFI custom calls.
+
+The only file that knows target names and attribute encodings. Every kernel call goes
+through three layers, innermost first:
+  1. ``jax.ffi.ffi_call`` on rank-3-spatial arrays (1D/2D inputs get leading size-1 axes);
+  2. ``custom_partitioning`` with a Shardy rule: batch and heads may stay sharded, every
+     other axis is replicated, so batch/head-sharded inputs run with no all-gather;
+  3. ``custom_vmap``: a vmapped axis is folded into the heads axis (which also batches
+     per-example rpb), then the call recurses for nested vmaps.
+``custom_vjp`` sits on top: the forward saves the lse, the backward kernel returns
+dq, dk, dv and drpb.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jnat._checks import Neighborhood
+
+try:
+  from jnat import _jnat_cpu
+except ImportError:  # built without the CPU module (e.g. a docs-only checkout)
+  _jnat_cpu = None
+try:
+  from jnat import _jnat_cuda
+except ImportError:  # no CUDA toolkit at build time: CPU-only install
+  _jnat_cuda = None
+
+_COMPILED = tuple(name for name, module in (("cpu", _jnat_cpu), ("cuda", _jnat_cuda)) if module)
+for _module, _platform in ((_jnat_cpu, "cpu"), (_jnat_cuda, "CUDA")):
+  if _module is not None:
+    for _target, _capsule in _module.registrations().items():
+      jax.ffi.register_ffi_target(_target, _capsule, platform=_platform)
+
+
+def compiled_platforms() -> tuple[str, ...]:
+  """Which kernel modules this installation has ("cpu", "cuda")."""
+  return _COMPILED
+
+
+# Roles of the kernels' operands: what each axis is, for vmap folding and sharding rules.
+# Q: [B,X,Y,Z,H,D]; KV: [B,X,Y,Z,Hkv,D]; R: rpb [H,2K0-1,2K1-1,2K2-1] (or f32[0]: no rpb);
+# L: [B,X,Y,Z,H] (lse, delta); A: attention weights [B,X,Y,Z,H,prod(K)].
+_RULE = {"Q": "b x y z h d", "KV": "b x y z g d", "R": "h i j l", "L": "b x y z h",
+         "A": "b x y z h n"}
+_HEADS_AXIS = {"Q": 4, "KV": 4, "R": 0, "L": 4, "A": 4}
+_REPLICATED = ("x", "y", "z", "d", "i", "j", "l", "n", "e")
+
+# target: (operand roles, result roles)
+_TARGETS = {
+    "jnat_na_fwd": (("Q", "KV", "KV", "R"), ("Q", "L")),
+    "jnat_na_bwd": (("Q", "KV", "KV", "R", "Q", "L", "L"), ("Q", "KV", "KV", "R")),
+    "jnat_na_qk": (("Q", "KV", "R"), ("A",)),
+    "jnat_na_qk_bwd": (("Q", "KV", "R", "A"), ("Q", "KV", "R")),
+    "jnat_na_av": (("A", "KV"), ("Q",)),
+    "jnat_na_av_bwd": (("A", "KV", "Q"), ("A", "KV")),
+}
+
+
+def _result_types(target, static, args):
+  nbhd, _ = static
+  sds = jax.ShapeDtypeStruct
+  if target == "jnat_na_fwd":
+    q = args[0]
+    return [sds(q.shape, q.dtype), sds(q.shape[:-1], jnp.float32)]
+  if target == "jnat_na_qk":
+    q = args[0]
+    return [sds(q.shape[:-1] + (nbhd.window_size,), q.dtype)]
+  if target == "jnat_na_av":
+    attn, v = args
+    return [sds(attn.shape[:-1] + v.shape[-1:], v.dtype)]
+  # Backward kernels: one gradient per differentiable input, shaped like it.
+  n_grads = len(_TARGETS[target][1])
+  return [sds(a.shape, a.dtype) for a in args[:n_grads]]
+
+
+def _ffi_call(target, static, *args):
+  nbhd, scale = static
+  attrs = {name: np.asarray(value, np.int64) for name, value in (
+      ("kernel_size", nbhd.kernel_size), ("stride", nbhd.stride),
+      ("dilation", nbhd.dilation), ("is_causal", nbhd.is_causal))}
+  if scale is not None:
+    attrs["scale"] = np.float32(scale)
+  results = jax.ffi.ffi_call(target, _result_types(target, static, args))(*args, **attrs)
+  return tuple(results)
+
+
+def _axes(entry):
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+@functools.lru_cache(maxsize=None)
+def _partitioned(target: str, has_rpb: bool):
+  """The target as a ``custom_partitioning`` function of ``(static, *args)``."""
+  in_roles, out_roles = _TARGETS[target]
+
+  @functools.partial(custom_partitioning, static_argnums=(0,))
+  def call(static, *args):
+    return _ffi_call(target, static, *args)
+
+  def role_sharding(mesh, role, batch, heads, placeholder):
+    if role == "R":
+      return NamedSharding(mesh, P() if placeholder else P(heads, None, None, None))
+    spec = [batch, None, None, None, heads] + ([None] if role != "L" else [])
+    return NamedSharding(mesh, P(*spec))
+
+  def partition(static, mesh, arg_shapes, result_shape):
+    lead = arg_shapes[0]
+    spec = lead.sharding.spec if isinstance(lead.sharding, NamedSharding) else P()
+    spec = tuple(spec) + (None,) * (6 - len(spec))
+    batch, heads = spec[0], spec[4]
+    shards = lambda entry: int(np.prod([mesh.shape[a] for a in _axes(entry)]))
+    # Heads split only where query and kv heads split alike (GQA groups stay whole).
+    if heads is not None and any(
+        a.shape[_HEADS_AXIS[r]] % shards(heads) for a, r in zip(arg_shapes, in_roles)
+        if not (r == "R" and not has_rpb)):
+      heads = None
+    if batch is not None and arg_shapes[0].shape[0] % shards(batch):
+      batch = None
+    arg_shardings = tuple(role_sharding(mesh, r, batch, heads, r == "R" and not has_rpb)
+                          for r in in_roles)
+    out_shardings = tuple(role_sharding(mesh, r, batch, heads, r == "R" and not has_rpb)
+                          for r in out_roles)
+    reduce_axes = _axes(batch)
+
+    def lower(*args):
+      outs = _ffi_call(target, static, *args)
+      # Each batch shard holds a partial rpb gradient: sum them.
+      return tuple(jax.lax.psum(o, reduce_axes) if r == "R" and has_rpb and reduce_axes else o
+                   for o, r in zip(outs, out_roles))
+
+    return mesh, lower, out_shardings, arg_shardings
+
+  in_specs = ", ".join("e" if (r == "R" and not has_rpb) else _RULE[r] for r in in_roles)
+  out_specs = ", ".join("e" if (r == "R" and not has_rpb) else _RULE[r] for r in out_roles)
+  call.def_partition(partition=partition, sharding_rule=f"{in_specs} -> {out_specs}",
+                     need_replication_factors=_REPLICATED)
+  return call
+
+
+def _call(target, static, *args):
+  """A kernel call that supports jit, vmap (folded into heads) and sharding."""
+  in_roles, out_roles = _TARGETS[target]
+  has_rpb = not any(r == "R" and a.ndim == 1 for r, a in zip(in_roles, args))
+
+  @jax.custom_batching.custom_vmap
+  def call(*args):
+    return _partitioned(target, has_rpb)(static, *args)
+
+  @call.def_vmap
+  def fold_into_heads(axis_size, in_batched, *args):
+    folded = []
+    for arg, role, batched in zip(args, in_roles, in_batched):
+      if role == "R" and not has_rpb:
+        folded.append(arg)
+        continue
+      if not batched:
+        arg = jnp.broadcast_to(arg[None], (axis_size,) + arg.shape)
+      h = _HEADS_AXIS[role]
+      arg = jnp.moveaxis(arg, 0, h)
+      folded.append(arg.reshape(arg.shape[:h] + (-1,) + arg.shape[h + 2:]))
+    outs = call(*folded)
+    unfolded = []
+    for out, role in zip(outs, out_roles):
+      if role == "R" and not has_rpb:
+        unfolded.append(jnp.broadcast_to(out[None], (axis_size,) + out.shape))
+        continue
+      h = _HEADS_AXIS[role]
+      out = out.reshape(out.shape[:h] + (axis_size, -1) + out.shape[h + 1:])
+      unfolded.append(jnp.moveaxis(out, h, 0))
+    return tuple(unfolded), (True,) * len(outs)
+
+  return call(*args)
+
+
+def _to_rank3(x, rank, spatial_at):
+  """Inserts 3 - rank size-1 spatial axes at `spatial_at`."""
+  return x.reshape(x.shape[:spatial_at] + (1,) * (3 - rank) + x.shape[spatial_at:])
+
+
+def _from_rank3(x, rank, spatial_at):
+  return x.reshape(x.shape[:spatial_at] + x.shape[spatial_at + 3 - rank:])
+
+
+def _rpb_operand(rpb, rank):
+  if rpb is None:
+    return jnp.zeros((0,), jnp.float32)
+  return _to_rank3(rpb.astype(jnp.float32), rank, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused(q, k, v, rpb, static):
+  return _call("jnat_na_fwd", static, q, k, v, rpb)
+
+
+def _fused_fwd(q, k, v, rpb, static):
+  out, lse = _call("jnat_na_fwd", static, q, k, v, rpb)
+  return (out, lse), (q, k, v, rpb, out, lse)
+
+
+def _fused_bwd(static, residuals, cotangents):
+  q, k, v, rpb, out, lse = residuals
+  dout, dlse = cotangents
+  # d lse / d logits is the softmax itself, so the lse cotangent folds into delta.
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - dlse
+  return _call("jnat_na_bwd", static, q, k, v, rpb, dout.astype(q.dtype), lse, delta)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _qk(q, k, rpb, static):
+  return _call("jnat_na_qk", static, q, k, rpb)[0]
+
+
+def _qk_fwd(q, k, rpb, static):
+  return _qk(q, k, rpb, static), (q, k, rpb)
+
+
+def _qk_bwd(static, residuals, dattn):
+  q, k, rpb = residuals
+  return _call("jnat_na_qk_bwd", static, q, k, rpb, dattn.astype(q.dtype))
+
+
+_qk.defvjp(_qk_fwd, _qk_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _av(attn, v, static):
+  return _call("jnat_na_av", static, attn, v)[0]
+
+
+def _av_fwd(attn, v, static):
+  return _av(attn, v, static), (attn, v)
+
+
+def _av_bwd(static, residuals, dout):
+  attn, v = residuals
+  return _call("jnat_na_av_bwd", static, attn, v, dout.astype(v.dtype))
+
+
+_av.defvjp(_av_fwd, _av_bwd)
+
+
+def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None):
+  """Fused neighborhood attention on the compiled kernels: ``(out, lse)``."""
+  r = nbhd.rank
+  q, k, v = (_to_rank3(x, r, 1) for x in (query, key, value))
+  out, lse = _fused(q, k, v, _rpb_operand(rpb, r), (nbhd.padded_to_rank3(), scale))
+  return _from_rank3(out, r, 1), _from_rank3(lse, r, 1)
+
+
+def na_qk(query, key, nbhd: Neighborhood, rpb=None):
+  r = nbhd.rank
+  attn = _qk(_to_rank3(query, r, 1), _to_rank3(key, r, 1), _rpb_operand(rpb, r),
+             (nbhd.padded_to_rank3(), None))
+  return _from_rank3(attn, r, 1)
+
+
+def na_av(attn, value, nbhd: Neighborhood):
+  r = nbhd.rank
+  out = _av(_to_rank3(attn, r, 1), _to_rank3(value, r, 1), (nbhd.padded_to_rank3(), None))
+  return _from_rank3(out, r, 1)
