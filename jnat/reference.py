@@ -46,6 +46,11 @@ def axis_windows(length: int, kernel: int, stride: int, dilation: int, causal: b
   return keys.astype(np.int32), valid, rpb_index.astype(np.int32)
 
 
+def _acc(x):
+  """Accumulation dtype: float32 for half and single precision, float64 stays float64."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def _window_tables(spatial, nbhd: Neighborhood):
   """Neighbourhood tables of a query grid: ``(keys, valid, rpb_index)``.
 
@@ -77,11 +82,10 @@ def _logits(query, key, tables, rpb, scale):
   kv_heads = key.shape[-2]
   q = query.reshape(b, *spatial, kv_heads, heads // kv_heads, dim)
   k_win = _gather_windows(key, keys).reshape(b, *spatial, -1, kv_heads, dim)
-  logits = jnp.einsum("b...hgd,b...nhd->b...hgn", q, k_win,
-                      preferred_element_type=jnp.float32)
+  logits = jnp.einsum("b...hgd,b...nhd->b...hgn", q, k_win, preferred_element_type=_acc(q))
   logits = logits.reshape(b, *spatial, heads, -1) * scale
   if rpb is not None:
-    bias = rpb.astype(jnp.float32)[(slice(None),) + tuple(jnp.asarray(r) for r in rpb_index)]
+    bias = rpb.astype(logits.dtype)[(slice(None),) + tuple(jnp.asarray(r) for r in rpb_index)]
     logits = logits + jnp.moveaxis(bias.reshape(heads, *spatial, -1), 0, -2)
   mask = jnp.asarray(valid).reshape(*spatial, 1, -1)
   return jnp.where(mask, logits, -jnp.inf)
@@ -95,7 +99,7 @@ def _apply_weights(weights, value, tables):
   weights = jnp.where(jnp.asarray(valid).reshape(*spatial, 1, n), weights, 0.0)
   v_win = _gather_windows(value, keys).reshape(b, *spatial, n, kv_heads, dim)
   w = weights.reshape(b, *spatial, kv_heads, heads // kv_heads, n)
-  out = jnp.einsum("b...hgn,b...nhd->b...hgd", w, v_win, preferred_element_type=jnp.float32)
+  out = jnp.einsum("b...hgn,b...nhd->b...hgd", w, v_win, preferred_element_type=_acc(w))
   return out.reshape(b, *spatial, heads, dim)
 
 
@@ -168,7 +172,7 @@ def na_av(attn, value, nbhd: Neighborhood):
   b, *spatial, heads, n = attn.shape
 
   def av(tables, attn, value):
-    return _apply_weights(attn.astype(jnp.float32), value, tables).astype(value.dtype)
+    return _apply_weights(attn.astype(_acc(attn)), value, tables).astype(value.dtype)
 
   row = b * math.prod(spatial[1:]) * heads * n * value.shape[-1]
   return _chunked(av, nbhd, [attn], [value], row)
@@ -182,11 +186,11 @@ def dense_attention(query, key, value, scale: float):
   b, *spatial, heads, dim = query.shape
   kv_heads = key.shape[-2]
   q = query.reshape(b, *spatial, kv_heads, heads // kv_heads, dim)
-  logits = jnp.einsum("b...hgd,bmhd->b...hgm", q, key, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("b...hgd,bmhd->b...hgm", q, key, preferred_element_type=_acc(q))
   logits = logits * scale
   lse = jax.nn.logsumexp(logits, axis=-1)
   out = jnp.einsum("b...hgm,bmhd->b...hgd", jnp.exp(logits - lse[..., None]), value,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=_acc(q))
   return (out.reshape(b, *spatial, heads, dim).astype(query.dtype),
           lse.reshape(b, *spatial, heads))
 
@@ -195,5 +199,5 @@ def merge_by_lse(out_a, lse_a, out_b, lse_b):
   """Combines two softmax-normalised attention results over disjoint key sets."""
   lse = jnp.logaddexp(lse_a, lse_b)
   wa, wb = jnp.exp(lse_a - lse)[..., None], jnp.exp(lse_b - lse)[..., None]
-  out = wa * out_a.astype(jnp.float32) + wb * out_b.astype(jnp.float32)
+  out = wa * out_a.astype(lse.dtype) + wb * out_b.astype(lse.dtype)
   return out.astype(out_a.dtype), lse
