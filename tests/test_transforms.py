@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jnat
-from na_testing import ALL_BACKENDS, random_inputs
+from na_testing import ALL_BACKENDS, random_inputs, rel_err
 
 KW = dict(kernel_size=(3, 4), stride=(1, 2), dilation=(2, 1), is_causal=(True, False))
 
@@ -98,5 +98,5 @@ def test_reference_chunking_matches_single_pass(monkeypatch):
   monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 2000)  # forces chunks of one row
   assert "scan" in str(jax.make_jaxpr(grad())(*args))
   chunked = jax.jit(grad())(*args)
-  for a, b in zip(whole, chunked):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+  for a, b in zip(whole, chunked):  # only float32 summation order may differ
+    assert rel_err(a, b) <= 1e-6
