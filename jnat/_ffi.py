@@ -140,8 +140,10 @@ def _partitioned(target: str, has_rpb: bool):
 
   in_specs = ", ".join("e" if (r == "R" and not has_rpb) else _RULE[r] for r in in_roles)
   out_specs = ", ".join("e" if (r == "R" and not has_rpb) else _RULE[r] for r in out_roles)
-  call.def_partition(partition=partition, sharding_rule=f"{in_specs} -> {out_specs}",
-                     need_replication_factors=_REPLICATED)
+  rule = f"{in_specs} -> {out_specs}"
+  used = set(rule.replace(",", " ").split())
+  call.def_partition(partition=partition, sharding_rule=rule,
+                     need_replication_factors=tuple(f for f in _REPLICATED if f in used))
   return call
 
 

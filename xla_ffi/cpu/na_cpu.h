@@ -1,0 +1,11 @@
+// XLA FFI handler symbols of the CPU neighbourhood attention kernels.
+#pragma once
+
+#include "xla/ffi/api/api.h"
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JnatNaFwd);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JnatNaBwd);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JnatNaQK);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JnatNaQKBwd);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JnatNaAV);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JnatNaAVBwd);

@@ -1,0 +1,456 @@
+// Neighbourhood attention on the CPU: plain float32 compute, no XLA types.
+//
+// Tensors are rank-3 spatial, heads-last and row-major: q [B, L0, L1, L2, H, D], k and v
+// [B, L0, L1, L2, Hkv, D] (query head h reads kv head h / (H / Hkv)), rpb [H, 2K0-1, 2K1-1,
+// 2K2-1] (nullptr: none), attention weights [B, L0, L1, L2, H, K0*K1*K2] with the window
+// flattened row-major. Which keys a query sees comes from common/na_index.h only.
+//
+// Threads: the forward kernels split the query tokens. The backward kernels scatter into
+// key rows; they give each (batch, kv head) its own accumulators, and when there are too few
+// of those for the threads they also split the tokens into bands with private float32
+// accumulators summed in a fixed order. Results do not depend on scheduling.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common/na_index.h"
+#include "cpu/na_cpu_simd.h"
+
+namespace jnat::cpu {
+
+struct NaShape {
+  int64_t batch = 0, heads = 0, kv_heads = 1, dim = 0;
+  int64_t length[3] = {1, 1, 1};
+  int64_t kernel[3] = {1, 1, 1};
+  int64_t stride[3] = {1, 1, 1};
+  int64_t dilation[3] = {1, 1, 1};
+  bool causal[3] = {false, false, false};
+
+  int64_t tokens() const { return length[0] * length[1] * length[2]; }
+  int64_t window() const { return kernel[0] * kernel[1] * kernel[2]; }
+  int64_t rpb_extent(int a) const { return 2 * kernel[a] - 1; }
+  int64_t rpb_size() const { return rpb_extent(0) * rpb_extent(1) * rpb_extent(2); }
+  int64_t group() const { return heads / kv_heads; }
+};
+
+// The valid slots of one query token's window: key token, window slot, rpb offset (within a
+// head). Returns how many there are (at least 1 for a valid shape).
+inline int64_t BuildWindow(const NaShape& s, int64_t token, int64_t* key, int64_t* slot,
+                           int64_t* bias) {
+  const int64_t i2 = token % s.length[2];
+  const int64_t i1 = (token / s.length[2]) % s.length[1];
+  const int64_t i0 = token / (s.length[2] * s.length[1]);
+  const int64_t idx[3] = {i0, i1, i2};
+  AxisWindow w[3];
+  for (int a = 0; a < 3; ++a) {
+    w[a] = QueryWindow(idx[a], s.length[a], s.kernel[a], s.stride[a], s.dilation[a], s.causal[a]);
+  }
+  const int64_t r1 = s.rpb_extent(1), r2 = s.rpb_extent(2);
+  int64_t n = 0;
+  for (int64_t n0 = 0; n0 < w[0].count; ++n0) {
+    const int64_t p0 = w[0].first + n0 * w[0].step;
+    for (int64_t n1 = 0; n1 < w[1].count; ++n1) {
+      const int64_t p1 = w[1].first + n1 * w[1].step;
+      const int64_t row = (p0 * s.length[1] + p1) * s.length[2];
+      const int64_t slot_row = (n0 * s.kernel[1] + n1) * s.kernel[2];
+      const int64_t bias_row = ((w[0].rpb0 + n0) * r1 + w[1].rpb0 + n1) * r2 + w[2].rpb0;
+      for (int64_t n2 = 0; n2 < w[2].count; ++n2) {
+        key[n] = row + w[2].first + n2 * w[2].step;
+        slot[n] = slot_row + n2;
+        bias[n] = bias_row + n2;
+        ++n;
+      }
+    }
+  }
+  return n;
+}
+
+// Per-thread work arrays for one query at a time.
+struct QueryScratch {
+  std::vector<int64_t> key, slot, bias;
+  std::vector<const float*> rows_a, rows_b;
+  std::vector<float*> acc_rows;
+  std::vector<float> s0, s1, s2, xd, yd, zeros;
+
+  explicit QueryScratch(const NaShape& s) {
+    const size_t kk = static_cast<size_t>(s.window()) + 16;
+    const size_t d = static_cast<size_t>(s.dim) + 32;
+    key.resize(kk);
+    slot.resize(kk);
+    bias.resize(kk);
+    rows_a.resize(kk);
+    rows_b.resize(kk);
+    acc_rows.resize(kk);
+    s0.resize(kk);
+    s1.resize(kk);
+    s2.resize(kk);
+    xd.resize(d);
+    yd.resize(d);
+    zeros.assign(d, 0.0f);
+  }
+};
+
+// Parallel regions only pay off above this many multiply-adds.
+inline bool WorthThreads(const NaShape& s) {
+  return static_cast<double>(s.batch) * s.tokens() * s.heads * s.window() * (s.dim + 1) > 3.0e4;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward kernels: one task per (batch, query token), all heads of that token.
+
+template <typename PerQuery>
+void ForEachQuery(const NaShape& s, PerQuery&& per_query) {
+  const int64_t total = s.batch * s.tokens();
+#pragma omp parallel if (WorthThreads(s))
+  {
+    QueryScratch sc(s);
+#pragma omp for schedule(static)
+    for (int64_t bt = 0; bt < total; ++bt) {
+      const int64_t b = bt / s.tokens();
+      const int64_t nv = BuildWindow(s, bt % s.tokens(), sc.key.data(), sc.slot.data(), sc.bias.data());
+      for (int64_t h = 0; h < s.heads; ++h) per_query(sc, b, bt, h, h / s.group(), nv);
+    }
+  }
+}
+
+// Row pointers of the window's keys for kv head hk of batch b.
+inline void WindowRows(const NaShape& s, const float* base, int64_t b, int64_t hk, int64_t nv,
+                       const int64_t* key, const float** rows) {
+  const int64_t row = s.kv_heads * s.dim;
+  const float* head_base = base + b * s.tokens() * row + hk * s.dim;
+  for (int64_t i = 0; i < nv; ++i) rows[i] = head_base + key[i] * row;
+}
+
+// Fused forward: out = softmax(scale * q.k + rpb) v over the window; lse its log-normaliser.
+inline void NaFusedForward(const NaShape& s, const float* q, const float* k, const float* v,
+                           const float* rpb, float scale, float* out, float* lse) {
+  const int64_t D = s.dim, RR = s.rpb_size();
+  ForEachQuery(s, [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk, int64_t nv) {
+    const int64_t qi = bt * s.heads + h;
+    const float* qrow = q + qi * D;
+    float* qs = sc.xd.data();
+    for (int64_t d = 0; d < D; ++d) qs[d] = qrow[d] * scale;
+    WindowRows(s, k, b, hk, nv, sc.key.data(), sc.rows_a.data());
+    WindowRows(s, v, b, hk, nv, sc.key.data(), sc.rows_b.data());
+    float* logit = sc.s0.data();
+    DotRows(qs, sc.rows_a.data(), nv, D, sc.zeros.data(), logit);
+    if (rpb != nullptr) {
+      const float* bh = rpb + h * RR;
+      for (int64_t i = 0; i < nv; ++i) logit[i] += bh[sc.bias[i]];
+    }
+    const float m = MaxOf(logit, nv);
+    const float sum = ExpShiftedSum(logit, nv, m);
+    WeightedSum(logit, sc.rows_b.data(), nv, D, 1.0f / sum, out + qi * D);
+    lse[qi] = m + std::log(sum);
+  });
+}
+
+// attn[.., h, slot] = q.k_slot + rpb (no scale); -inf at masked slots.
+inline void NaQK(const NaShape& s, const float* q, const float* k, const float* rpb, float* attn) {
+  const int64_t D = s.dim, KK = s.window(), RR = s.rpb_size();
+  ForEachQuery(s, [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk, int64_t nv) {
+    const int64_t qi = bt * s.heads + h;
+    WindowRows(s, k, b, hk, nv, sc.key.data(), sc.rows_a.data());
+    float* logit = sc.s0.data();
+    DotRows(q + qi * D, sc.rows_a.data(), nv, D, sc.zeros.data(), logit);
+    float* row = attn + qi * KK;
+    if (nv < KK) std::fill(row, row + KK, -std::numeric_limits<float>::infinity());
+    const float* bh = rpb != nullptr ? rpb + h * RR : nullptr;
+    for (int64_t i = 0; i < nv; ++i) row[sc.slot[i]] = logit[i] + (bh ? bh[sc.bias[i]] : 0.0f);
+  });
+}
+
+// out = sum over valid slots of attn[slot] * v_slot.
+inline void NaAV(const NaShape& s, const float* attn, const float* v, float* out) {
+  const int64_t D = s.dim, KK = s.window();
+  ForEachQuery(s, [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk, int64_t nv) {
+    const int64_t qi = bt * s.heads + h;
+    WindowRows(s, v, b, hk, nv, sc.key.data(), sc.rows_b.data());
+    const float* row = attn + qi * KK;
+    float* w = sc.s0.data();
+    for (int64_t i = 0; i < nv; ++i) w[i] = row[sc.slot[i]];
+    WeightedSum(w, sc.rows_b.data(), nv, D, 1.0f, out + qi * D);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward kernels: every query adds weight * (a row of its own) to the rows of its window's
+// keys. Queries are taken in tiles of up to kTile tokens of one spatial row and one dilation
+// group along the last axis (times the query heads of one kv head): their windows share the
+// first two axes and cover one contiguous range of the last, so each key row of the tile is
+// read and written once, with the contributions of all tile queries that see it.
+
+// A query's contribution to the key rows: key row of valid slot i += wa[i] * xa (and
+// wb[i] * xb for the second accumulator).
+struct QueryGrad {
+  float* wa = nullptr;
+  float* wb = nullptr;
+  const float* xa = nullptr;
+  const float* xb = nullptr;
+  float* rpb = nullptr;  // this head's rpb gradient [RR] to add to directly (or nullptr)
+};
+
+inline constexpr int64_t kTile = 8;
+
+// Tiles of one spatial row: (dilation group, first group index) along the last axis.
+inline std::vector<std::pair<int64_t, int64_t>> RowTiles(const NaShape& s, int64_t tile) {
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t g = 0; g < s.dilation[2]; ++g) {
+    const int64_t lg = GroupLength(s.length[2], s.dilation[2], g);
+    for (int64_t c = 0; c < lg; c += tile) tiles.emplace_back(g, c);
+  }
+  return tiles;
+}
+
+// Runs per_query(sc, b, bt, h, hk, nv, grad) for every query (sc holds its window, as from
+// BuildWindow) and sums the contributions into acc_a / acc_b ([B, tokens, Hkv, D], overwritten;
+// acc_b may be nullptr) and the rpb gradient into drpb ([H, RR], overwritten; nullptr: none).
+template <typename PerQuery>
+void ScatterOverQueries(const NaShape& s, float* acc_a, float* acc_b, float* drpb,
+                        PerQuery&& per_query) {
+  const int64_t N = s.tokens(), D = s.dim, G = s.group(), RR = s.rpb_size(), KK = s.window();
+  const int64_t L1 = s.length[1], L2 = s.length[2], dil2 = s.dilation[2];
+  const int64_t units = s.batch * s.kv_heads;
+  const int64_t n_acc = acc_b != nullptr ? 2 : 1;
+  const bool threads = WorthThreads(s);
+  const int64_t P = threads ? omp_get_max_threads() : 1;
+
+  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(kTile, (int64_t{1} << 20) / (G * KK + 1)));
+  const auto row_tiles = RowTiles(s, tile);
+  const int64_t tiles_per_row = static_cast<int64_t>(row_tiles.size());
+  const int64_t n_tiles = s.length[0] * L1 * tiles_per_row;
+
+  // Bands of tiles per (batch, kv head), only when the units alone cannot balance the threads.
+  int64_t bands = 1;
+  if (P > 1 && units % P != 0 && units < 4 * P) {
+    bands = std::min<int64_t>(P, n_tiles);
+    const double budget = 1.0 * (int64_t{1} << 30);  // bytes of private accumulators
+    while (bands > 1 && 4.0 * bands * units * N * D * n_acc > budget) --bands;
+  }
+  const int64_t items = units * bands;
+  const int64_t band_len = (n_tiles + bands - 1) / bands;
+
+  std::vector<float> priv_a, priv_b;
+  if (bands > 1) {
+    priv_a.assign(static_cast<size_t>(items * N * D), 0.0f);
+    if (n_acc == 2) priv_b.assign(static_cast<size_t>(items * N * D), 0.0f);
+  } else {
+    std::fill(acc_a, acc_a + s.batch * N * s.kv_heads * D, 0.0f);
+    if (acc_b) std::fill(acc_b, acc_b + s.batch * N * s.kv_heads * D, 0.0f);
+  }
+  std::vector<float> priv_rpb(drpb != nullptr ? static_cast<size_t>(items * G * RR) : 0, 0.0f);
+
+#pragma omp parallel if (threads)
+  {
+    QueryScratch sc(s);
+    const int64_t kkp = KK + 16;
+    std::vector<float> wa(static_cast<size_t>(tile * G * kkp)), wb(n_acc == 2 ? wa.size() : 0);
+    std::vector<const float*> xa(tile * G), xb(tile * G), terms(tile * G);
+    std::vector<float> tw(tile * G), twb(tile * G);
+    std::vector<const float*> termsb(tile * G);
+    std::vector<int64_t> start(tile), end(tile), count(tile);
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t band = item % bands;
+      const int64_t unit = item / bands;
+      const int64_t b = unit / s.kv_heads, hk = unit % s.kv_heads;
+      float *base_a, *base_b;
+      int64_t stride;
+      if (bands > 1) {
+        base_a = priv_a.data() + item * N * D;
+        base_b = n_acc == 2 ? priv_b.data() + item * N * D : nullptr;
+        stride = D;
+      } else {
+        base_a = acc_a + (b * N * s.kv_heads + hk) * D;
+        base_b = acc_b ? acc_b + (b * N * s.kv_heads + hk) * D : nullptr;
+        stride = s.kv_heads * D;
+      }
+      const int64_t tile_end = std::min(n_tiles, (band + 1) * band_len);
+      for (int64_t ti = band * band_len; ti < tile_end; ++ti) {
+        const int64_t row = ti / tiles_per_row;
+        const auto [grp, c0] = row_tiles[ti % tiles_per_row];
+        const int64_t x0 = row / L1, x1 = row % L1;
+        const AxisWindow w0 = QueryWindow(x0, s.length[0], s.kernel[0], s.stride[0], s.dilation[0], s.causal[0]);
+        const AxisWindow w1 = QueryWindow(x1, s.length[1], s.kernel[1], s.stride[1], s.dilation[1], s.causal[1]);
+        const int64_t jn = std::min(tile, GroupLength(L2, dil2, grp) - c0);
+        // The queries: each fills its weights; the last axis window is kept in group units.
+        for (int64_t j = 0; j < jn; ++j) {
+          const int64_t z = grp + (c0 + j) * dil2;
+          const AxisWindow w2 = QueryWindow(z, L2, s.kernel[2], s.stride[2], dil2, s.causal[2]);
+          start[j] = (w2.first - grp) / dil2;
+          count[j] = w2.count;
+          end[j] = start[j] + w2.count;
+          const int64_t t = row * L2 + z;
+          const int64_t nv = BuildWindow(s, t, sc.key.data(), sc.slot.data(), sc.bias.data());
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t q = j * G + g;
+            QueryGrad grad;
+            grad.wa = wa.data() + q * kkp;
+            grad.wb = n_acc == 2 ? wb.data() + q * kkp : nullptr;
+            grad.rpb = drpb != nullptr ? priv_rpb.data() + (item * G + g) * RR : nullptr;
+            per_query(sc, b, b * N + t, hk * G + g, hk, nv, grad);
+            xa[q] = grad.xa;
+            xb[q] = grad.xb;
+          }
+        }
+        // The key rows: one read-modify-write each.
+        for (int64_t n0 = 0; n0 < w0.count; ++n0) {
+          const int64_t p0 = w0.first + n0 * w0.step;
+          for (int64_t n1 = 0; n1 < w1.count; ++n1) {
+            const int64_t p1 = w1.first + n1 * w1.step;
+            const int64_t row_base = (p0 * L1 + p1) * L2 + grp;
+            const int64_t slot_row = n0 * w1.count + n1;
+            int64_t jlo = 0;
+            for (int64_t cz = start[0]; cz < end[jn - 1]; ++cz) {
+              while (jlo < jn && end[jlo] <= cz) ++jlo;
+              int64_t m = 0;
+              for (int64_t j = jlo; j < jn && start[j] <= cz; ++j) {
+                const int64_t i = slot_row * count[j] + (cz - start[j]);
+                for (int64_t g = 0; g < G; ++g) {
+                  const int64_t q = j * G + g;
+                  tw[m] = wa[q * kkp + i];
+                  terms[m] = xa[q];
+                  if (n_acc == 2) {
+                    twb[m] = wb[q * kkp + i];
+                    termsb[m] = xb[q];
+                  }
+                  ++m;
+                }
+              }
+              if (m == 0) continue;
+              const int64_t key = row_base + cz * dil2;
+              AccumulateRow(base_a + key * stride, D, terms.data(), tw.data(), m);
+              if (n_acc == 2) AccumulateRow(base_b + key * stride, D, termsb.data(), twb.data(), m);
+            }
+          }
+        }
+      }
+    }
+
+    if (bands > 1) {
+      const int64_t rows = s.batch * N * s.kv_heads;
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t hk = r % s.kv_heads, t = (r / s.kv_heads) % N, b = r / (s.kv_heads * N);
+        const int64_t first = (b * s.kv_heads + hk) * bands;
+        for (int pass = 0; pass < n_acc; ++pass) {
+          const float* src = (pass == 0 ? priv_a : priv_b).data() + t * D;
+          float* dst = (pass == 0 ? acc_a : acc_b) + r * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = src[first * N * D + d];
+          for (int64_t j = 1; j < bands; ++j) {
+            const float* sj = src + (first + j) * N * D;
+            for (int64_t d = 0; d < D; ++d) dst[d] += sj[d];
+          }
+        }
+      }
+    }
+  }
+
+  if (drpb != nullptr) {
+    for (int64_t h = 0; h < s.heads; ++h) {
+      const int64_t hk = h / G, g = h % G;
+      float* dst = drpb + h * RR;
+      std::fill(dst, dst + RR, 0.0f);
+      for (int64_t b = 0; b < s.batch; ++b) {
+        for (int64_t band = 0; band < bands; ++band) {
+          const int64_t item = (b * s.kv_heads + hk) * bands + band;
+          const float* src = priv_rpb.data() + (item * G + g) * RR;
+          for (int64_t r = 0; r < RR; ++r) dst[r] += src[r];
+        }
+      }
+    }
+  }
+}
+
+// Fused backward from the saved lse and delta = rowsum(dout * out) (minus the lse cotangent).
+inline void NaFusedBackward(const NaShape& s, const float* q, const float* k, const float* v,
+                            const float* rpb, const float* dout, const float* lse,
+                            const float* delta, float scale, float* dq, float* dk, float* dv,
+                            float* drpb) {
+  const int64_t D = s.dim, RR = s.rpb_size();
+  ScatterOverQueries(s, dk, dv, rpb != nullptr ? drpb : nullptr,
+                     [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk,
+                         int64_t nv, QueryGrad& grad) {
+    const int64_t qi = bt * s.heads + h;
+    const float* qrow = q + qi * D;
+    const float* dorow = dout + qi * D;
+    if (bt + 2 < s.batch * s.tokens()) {  // this head's rows two tokens ahead
+      for (int64_t d = 0; d < D; d += 16) {
+        __builtin_prefetch(qrow + 2 * s.heads * D + d);
+        __builtin_prefetch(dorow + 2 * s.heads * D + d);
+      }
+    }
+    float* qs = sc.xd.data();
+    for (int64_t d = 0; d < D; ++d) qs[d] = qrow[d] * scale;
+    WindowRows(s, k, b, hk, nv, sc.key.data(), sc.rows_a.data());
+    WindowRows(s, v, b, hk, nv, sc.key.data(), sc.rows_b.data());
+    float* p = grad.wb;  // dv weights: the probabilities
+    float* ds = sc.s1.data();
+    DotRows(qs, sc.rows_a.data(), nv, D, sc.zeros.data(), p);
+    if (rpb != nullptr) {
+      const float* bh = rpb + h * RR;
+      for (int64_t i = 0; i < nv; ++i) p[i] += bh[sc.bias[i]];
+    }
+    ExpShiftedSum(p, nv, lse[qi]);
+    DotRows(dorow, sc.rows_b.data(), nv, D, sc.zeros.data(), ds);
+    const float dl = delta[qi];
+    for (int64_t i = 0; i < nv; ++i) ds[i] = p[i] * (ds[i] - dl);
+    WeightedSum(ds, sc.rows_a.data(), nv, D, scale, dq + qi * D);
+    if (grad.rpb != nullptr) {
+      for (int64_t i = 0; i < nv; ++i) grad.rpb[sc.bias[i]] += ds[i];
+    }
+    for (int64_t i = 0; i < nv; ++i) grad.wa[i] = ds[i] * scale;
+    grad.xa = qrow;
+    grad.xb = dorow;
+  });
+}
+
+// Backward of NaQK: dq = sum dattn k, dk += dattn q, drpb += dattn (valid slots only).
+inline void NaQKBackward(const NaShape& s, const float* q, const float* k, const float* dattn,
+                         float* dq, float* dk, float* drpb) {
+  const int64_t D = s.dim, KK = s.window();
+  ScatterOverQueries(s, dk, nullptr, drpb,
+                     [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk,
+                         int64_t nv, QueryGrad& grad) {
+    const int64_t qi = bt * s.heads + h;
+    const float* row = dattn + qi * KK;
+    float* w = grad.wa;
+    for (int64_t i = 0; i < nv; ++i) w[i] = row[sc.slot[i]];
+    WindowRows(s, k, b, hk, nv, sc.key.data(), sc.rows_a.data());
+    WeightedSum(w, sc.rows_a.data(), nv, D, 1.0f, dq + qi * D);
+    if (grad.rpb != nullptr) {
+      for (int64_t i = 0; i < nv; ++i) grad.rpb[sc.bias[i]] += w[i];
+    }
+    grad.xa = q + qi * D;
+  });
+}
+
+// Backward of NaAV: dattn[slot] = dout.v_slot (0 at masked slots), dv += attn[slot] dout.
+inline void NaAVBackward(const NaShape& s, const float* attn, const float* v, const float* dout,
+                         float* dattn, float* dv) {
+  const int64_t D = s.dim, KK = s.window();
+  ScatterOverQueries(s, dv, nullptr, nullptr,
+                     [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk,
+                         int64_t nv, QueryGrad& grad) {
+    const int64_t qi = bt * s.heads + h;
+    const float* dorow = dout + qi * D;
+    WindowRows(s, v, b, hk, nv, sc.key.data(), sc.rows_b.data());
+    float* dp = sc.s0.data();
+    DotRows(dorow, sc.rows_b.data(), nv, D, sc.zeros.data(), dp);
+    float* drow = dattn + qi * KK;
+    if (nv < KK) std::fill(drow, drow + KK, 0.0f);
+    for (int64_t i = 0; i < nv; ++i) drow[sc.slot[i]] = dp[i];
+    const float* arow = attn + qi * KK;
+    for (int64_t i = 0; i < nv; ++i) grad.wa[i] = arow[sc.slot[i]];
+    grad.xa = dorow;
+  });
+}
+
+}  // namespace jnat::cpu
