@@ -3,8 +3,9 @@
 The only file that knows target names and attribute encodings. Every kernel call goes
 through three layers, innermost first:
   1. ``jax.ffi.ffi_call`` on rank-3-spatial arrays (1D/2D inputs get leading size-1 axes);
-  2. ``custom_partitioning`` with a Shardy rule: batch and heads may stay sharded, every
-     other axis is replicated, so batch/head-sharded inputs run with no all-gather;
+  2. sharding: batch and heads may stay sharded, every other axis is replicated, so
+     batch/head-sharded inputs run with no all-gather: ``custom_partitioning`` with a Shardy
+     rule on Auto meshes, ``shard_map`` where Explicit mesh axes put shardings in the types;
   3. ``custom_vmap``: a vmapped axis is folded into the heads axis (which also batches
      per-example rpb), then the call recurses for nested vmaps.
 ``custom_vjp`` sits on top: the forward saves the lse, the backward kernel returns
@@ -96,55 +97,82 @@ def _axes(entry):
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def _split_axes(mesh_shape, lead_spec, args, in_roles, has_rpb):
+  """Mesh axes that split the batch and the heads: the lead operand's, where they divide.
+
+  Every other axis is replicated. Heads split only where query and kv heads split alike,
+  so GQA groups stay whole on one device.
+  """
+  spec = tuple(lead_spec) + (None,) * (6 - len(lead_spec))
+  batch, heads = spec[0], spec[4]
+  shards = lambda entry: int(np.prod([mesh_shape[a] for a in _axes(entry)]))
+  if heads is not None and any(a.shape[_HEADS_AXIS[r]] % shards(heads)
+                               for a, r in zip(args, in_roles) if r != "R" or has_rpb):
+    heads = None
+  if batch is not None and args[0].shape[0] % shards(batch):
+    batch = None
+  return batch, heads
+
+
+def _role_spec(role, batch, heads, has_rpb):
+  if role == "R":
+    return P(heads, None, None, None) if has_rpb else P()
+  return P(batch, None, None, None, heads, *([None] if role != "L" else []))
+
+
+def _local_call(target, static, has_rpb, batch):
+  """The kernel on one device's shard; partial rpb gradients are summed over batch shards."""
+  out_roles = _TARGETS[target][1]
+  reduce_axes = _axes(batch)
+
+  def local(*args):
+    outs = _ffi_call(target, static, *args)
+    return tuple(jax.lax.psum(o, reduce_axes) if r == "R" and has_rpb and reduce_axes else o
+                 for o, r in zip(outs, out_roles))
+  return local
+
+
 @functools.lru_cache(maxsize=None)
 def _partitioned(target: str, has_rpb: bool):
-  """The target as a ``custom_partitioning`` function of ``(static, *args)``."""
+  """The target as a ``custom_partitioning`` function of ``(static, *args)`` (Auto meshes)."""
   in_roles, out_roles = _TARGETS[target]
 
   @functools.partial(custom_partitioning, static_argnums=(0,))
   def call(static, *args):
     return _ffi_call(target, static, *args)
 
-  def role_sharding(mesh, role, batch, heads, placeholder):
-    if role == "R":
-      return NamedSharding(mesh, P() if placeholder else P(heads, None, None, None))
-    spec = [batch, None, None, None, heads] + ([None] if role != "L" else [])
-    return NamedSharding(mesh, P(*spec))
-
   def partition(static, mesh, arg_shapes, result_shape):
-    lead = arg_shapes[0]
-    spec = lead.sharding.spec if isinstance(lead.sharding, NamedSharding) else P()
-    spec = tuple(spec) + (None,) * (6 - len(spec))
-    batch, heads = spec[0], spec[4]
-    shards = lambda entry: int(np.prod([mesh.shape[a] for a in _axes(entry)]))
-    # Heads split only where query and kv heads split alike (GQA groups stay whole).
-    if heads is not None and any(
-        a.shape[_HEADS_AXIS[r]] % shards(heads) for a, r in zip(arg_shapes, in_roles)
-        if not (r == "R" and not has_rpb)):
-      heads = None
-    if batch is not None and arg_shapes[0].shape[0] % shards(batch):
-      batch = None
-    arg_shardings = tuple(role_sharding(mesh, r, batch, heads, r == "R" and not has_rpb)
-                          for r in in_roles)
-    out_shardings = tuple(role_sharding(mesh, r, batch, heads, r == "R" and not has_rpb)
-                          for r in out_roles)
-    reduce_axes = _axes(batch)
+    lead = arg_shapes[0].sharding
+    lead_spec = lead.spec if isinstance(lead, NamedSharding) else P()
+    batch, heads = _split_axes(mesh.shape, lead_spec, arg_shapes, in_roles, has_rpb)
+    shardings = lambda roles: tuple(NamedSharding(mesh, _role_spec(r, batch, heads, has_rpb))
+                                    for r in roles)
+    return (mesh, _local_call(target, static, has_rpb, batch), shardings(out_roles),
+            shardings(in_roles))
 
-    def lower(*args):
-      outs = _ffi_call(target, static, *args)
-      # Each batch shard holds a partial rpb gradient: sum them.
-      return tuple(jax.lax.psum(o, reduce_axes) if r == "R" and has_rpb and reduce_axes else o
-                   for o, r in zip(outs, out_roles))
-
-    return mesh, lower, out_shardings, arg_shardings
-
-  in_specs = ", ".join("e" if (r == "R" and not has_rpb) else _RULE[r] for r in in_roles)
-  out_specs = ", ".join("e" if (r == "R" and not has_rpb) else _RULE[r] for r in out_roles)
-  rule = f"{in_specs} -> {out_specs}"
+  placeholder = lambda r: "e" if r == "R" and not has_rpb else _RULE[r]
+  rule = (", ".join(map(placeholder, in_roles)) + " -> " +
+          ", ".join(map(placeholder, out_roles)))
   used = set(rule.replace(",", " ").split())
   call.def_partition(partition=partition, sharding_rule=rule,
                      need_replication_factors=tuple(f for f in _REPLICATED if f in used))
   return call
+
+
+def _sharded(target, static, has_rpb, *args):
+  """Explicit mesh axes carry shardings in the types: map the kernel over shards directly."""
+  in_roles, out_roles = _TARGETS[target]
+  sharding = jax.typeof(args[0]).sharding
+  mesh = sharding.mesh
+  if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    return _partitioned(target, has_rpb)(static, *args)
+  batch, heads = _split_axes(mesh.shape, sharding.spec, args, in_roles, has_rpb)
+  in_specs = tuple(_role_spec(r, batch, heads, has_rpb) for r in in_roles)
+  args = [jax.sharding.reshard(a, s) for a, s in zip(args, in_specs)]
+  return jax.shard_map(_local_call(target, static, has_rpb, batch), mesh=mesh,
+                       in_specs=in_specs,
+                       out_specs=tuple(_role_spec(r, batch, heads, has_rpb) for r in out_roles))(
+                           *args)
 
 
 def _call(target, static, *args):
@@ -154,7 +182,7 @@ def _call(target, static, *args):
 
   @jax.custom_batching.custom_vmap
   def call(*args):
-    return _partitioned(target, has_rpb)(static, *args)
+    return _sharded(target, static, has_rpb, *args)
 
   @call.def_vmap
   def fold_into_heads(axis_size, in_batched, *args):
