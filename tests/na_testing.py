@@ -10,7 +10,7 @@ import numpy as np
 import jnat
 
 DATA = pathlib.Path(__file__).parent / "data"
-COMPILED_BACKENDS = tuple(b for b in jnat.available_backends("cpu") if b != "xla")
+COMPILED_BACKENDS = tuple(b for b in jnat.available_backends() if b != "xla")  # default platform
 ALL_BACKENDS = ("xla",) + COMPILED_BACKENDS
 
 # Half precision against a float32 run of the same inputs (flash-attention style budget).

@@ -1,0 +1,259 @@
+// XLA FFI handlers of the CUDA neighbourhood attention kernels.
+//
+// Each op: a Dispatch that decodes and validates every buffer and attribute
+// (common/na_params.h), launches on XLA's stream (na_cuda.h) and turns a launch error into
+// ffi::Error::Internal; then the handler symbol binding buffers, attributes and context.
+// Handlers that never allocate are command-buffer compatible; the two with an rpb gradient
+// take workspace from XLA's scratch allocator.
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "common/na_params.h"
+#include "cuda/na_cuda.h"
+#include "cuda/na_handlers.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jnat::cuda {
+namespace {
+
+namespace ffi = xla::ffi;
+using Stream = ffi::PlatformStream<cudaStream_t>;
+
+NaDims MakeDims(const NaParams& p) {
+  NaDims s{};
+  s.batch = p.batch;
+  s.heads = p.heads;
+  s.kv_heads = p.kv_heads;
+  s.dim = p.dim;
+  s.group = p.group();
+  for (int a = 0; a < 3; ++a) {
+    s.length[a] = p.length[a];
+    s.kernel[a] = p.kernel[a];
+    s.stride[a] = p.stride[a];
+    s.dilation[a] = p.dilation[a];
+    s.causal[a] = p.causal[a] ? 1 : 0;
+    s.rpb_extent[a] = p.rpb_extent(a);
+  }
+  s.tokens = p.tokens();
+  s.window = p.window();
+  s.rpb_size = p.rpb_size();
+  return s;
+}
+
+int DtypeCode(Dtype d) { return static_cast<int>(d); }
+
+ffi::Error Launched(const char* op, cudaError_t err) {
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string(op) + ": CUDA error: " + cudaGetErrorString(err));
+}
+
+// Workspace for the rpb-gradient partials (nullptr when none is needed).
+ffi::Error Scratch(const char* op, ffi::ScratchAllocator& alloc, size_t bytes, void** ptr) {
+  *ptr = nullptr;
+  if (bytes == 0) return ffi::Error::Success();
+  auto mem = alloc.Allocate(bytes, 256);
+  if (!mem.has_value()) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      std::string(op) + ": could not allocate " + std::to_string(bytes) +
+                          " bytes of workspace");
+  }
+  *ptr = *mem;
+  return ffi::Error::Success();
+}
+
+const float* RpbOrNull(const NaParams& p, const ffi::AnyBuffer& rpb) {
+  return p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+ffi::Error NaFwdDispatch(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                         ffi::AnyBuffer v, ffi::AnyBuffer rpb, ffi::Result<ffi::AnyBuffer> out,
+                         ffi::Result<ffi::AnyBuffer> lse, Attr3 kernel_size, Attr3 stride,
+                         Attr3 dilation, Attr3 is_causal, float scale) {
+  NaParams p;
+  JNAT_PARAMS_CHECK(DecodeNaFwd(q, k, v, rpb, *out, *lse,
+                                {kernel_size, stride, dilation, is_causal}, scale, &p));
+  return Launched("jnat_na_fwd",
+                  LaunchNaForward(MakeDims(p), DtypeCode(p.dtype), q.untyped_data(),
+                                  k.untyped_data(), v.untyped_data(), RpbOrNull(p, rpb), p.scale,
+                                  out->untyped_data(), static_cast<float*>(lse->untyped_data()),
+                                  stream));
+}
+
+ffi::Error NaBwdDispatch(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
+                         ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer rpb,
+                         ffi::AnyBuffer dout, ffi::AnyBuffer lse, ffi::AnyBuffer delta,
+                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                         ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> drpb,
+                         Attr3 kernel_size, Attr3 stride, Attr3 dilation, Attr3 is_causal,
+                         float scale) {
+  NaParams p;
+  JNAT_PARAMS_CHECK(DecodeNaBwd(q, k, v, rpb, dout, lse, delta, *dq, *dk, *dv, *drpb,
+                                {kernel_size, stride, dilation, is_causal}, scale, &p));
+  const NaDims s = MakeDims(p);
+  void* work = nullptr;
+  JNAT_PARAMS_CHECK(Scratch("jnat_na_bwd", scratch, DrpbScratchBytes(s, p.has_rpb), &work));
+  return Launched(
+      "jnat_na_bwd",
+      LaunchNaBackward(s, DtypeCode(p.dtype), q.untyped_data(), k.untyped_data(),
+                       v.untyped_data(), RpbOrNull(p, rpb), dout.untyped_data(),
+                       static_cast<const float*>(lse.untyped_data()),
+                       static_cast<const float*>(delta.untyped_data()), p.scale,
+                       dq->untyped_data(), dk->untyped_data(), dv->untyped_data(),
+                       p.has_rpb ? static_cast<float*>(drpb->untyped_data()) : nullptr, work,
+                       stream));
+}
+
+ffi::Error NaQKDispatch(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                        ffi::AnyBuffer rpb, ffi::Result<ffi::AnyBuffer> attn, Attr3 kernel_size,
+                        Attr3 stride, Attr3 dilation, Attr3 is_causal) {
+  NaParams p;
+  JNAT_PARAMS_CHECK(
+      DecodeNaQK(q, k, rpb, *attn, {kernel_size, stride, dilation, is_causal}, &p));
+  return Launched("jnat_na_qk",
+                  LaunchNaQK(MakeDims(p), DtypeCode(p.dtype), q.untyped_data(), k.untyped_data(),
+                             RpbOrNull(p, rpb), attn->untyped_data(), stream));
+}
+
+ffi::Error NaQKBwdDispatch(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
+                           ffi::AnyBuffer k, ffi::AnyBuffer rpb, ffi::AnyBuffer dattn,
+                           ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                           ffi::Result<ffi::AnyBuffer> drpb, Attr3 kernel_size, Attr3 stride,
+                           Attr3 dilation, Attr3 is_causal) {
+  NaParams p;
+  JNAT_PARAMS_CHECK(DecodeNaQKBwd(q, k, rpb, dattn, *dq, *dk, *drpb,
+                                  {kernel_size, stride, dilation, is_causal}, &p));
+  const NaDims s = MakeDims(p);
+  void* work = nullptr;
+  JNAT_PARAMS_CHECK(Scratch("jnat_na_qk_bwd", scratch, DrpbScratchBytes(s, p.has_rpb), &work));
+  return Launched(
+      "jnat_na_qk_bwd",
+      LaunchNaQKBackward(s, DtypeCode(p.dtype), DtypeCode(p.attn_dtype), q.untyped_data(),
+                         k.untyped_data(), dattn.untyped_data(), dq->untyped_data(),
+                         dk->untyped_data(),
+                         p.has_rpb ? static_cast<float*>(drpb->untyped_data()) : nullptr, work,
+                         stream));
+}
+
+ffi::Error NaAVDispatch(cudaStream_t stream, ffi::AnyBuffer attn, ffi::AnyBuffer v,
+                        ffi::Result<ffi::AnyBuffer> out, Attr3 kernel_size, Attr3 stride,
+                        Attr3 dilation, Attr3 is_causal) {
+  NaParams p;
+  JNAT_PARAMS_CHECK(DecodeNaAV(attn, v, *out, {kernel_size, stride, dilation, is_causal}, &p));
+  return Launched("jnat_na_av",
+                  LaunchNaAV(MakeDims(p), DtypeCode(p.dtype), DtypeCode(p.attn_dtype),
+                             attn.untyped_data(), v.untyped_data(), out->untyped_data(), stream));
+}
+
+ffi::Error NaAVBwdDispatch(cudaStream_t stream, ffi::AnyBuffer attn, ffi::AnyBuffer v,
+                           ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dattn,
+                           ffi::Result<ffi::AnyBuffer> dv, Attr3 kernel_size, Attr3 stride,
+                           Attr3 dilation, Attr3 is_causal) {
+  NaParams p;
+  JNAT_PARAMS_CHECK(DecodeNaAVBwd(attn, v, dout, *dattn, *dv,
+                                  {kernel_size, stride, dilation, is_causal}, &p));
+  return Launched("jnat_na_av_bwd",
+                  LaunchNaAVBackward(MakeDims(p), DtypeCode(p.dtype), DtypeCode(p.attn_dtype),
+                                     attn.untyped_data(), v.untyped_data(), dout.untyped_data(),
+                                     dattn->untyped_data(), dv->untyped_data(), stream));
+}
+
+}  // namespace
+}  // namespace jnat::cuda
+
+namespace ffi = xla::ffi;
+using jnat::Attr3;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaFwdCuda, jnat::cuda::NaFwdDispatch,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // rpb
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::AnyBuffer>()  // lse
+                                  .Attr<Attr3>("kernel_size")
+                                  .Attr<Attr3>("stride")
+                                  .Attr<Attr3>("dilation")
+                                  .Attr<Attr3>("is_causal")
+                                  .Attr<float>("scale"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaBwdCuda, jnat::cuda::NaBwdDispatch,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // rpb
+                                  .Arg<ffi::AnyBuffer>()  // dout
+                                  .Arg<ffi::AnyBuffer>()  // lse
+                                  .Arg<ffi::AnyBuffer>()  // delta
+                                  .Ret<ffi::AnyBuffer>()  // dq
+                                  .Ret<ffi::AnyBuffer>()  // dk
+                                  .Ret<ffi::AnyBuffer>()  // dv
+                                  .Ret<ffi::AnyBuffer>()  // drpb
+                                  .Attr<Attr3>("kernel_size")
+                                  .Attr<Attr3>("stride")
+                                  .Attr<Attr3>("dilation")
+                                  .Attr<Attr3>("is_causal")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaQKCuda, jnat::cuda::NaQKDispatch,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // rpb
+                                  .Ret<ffi::AnyBuffer>()  // attn
+                                  .Attr<Attr3>("kernel_size")
+                                  .Attr<Attr3>("stride")
+                                  .Attr<Attr3>("dilation")
+                                  .Attr<Attr3>("is_causal"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaQKBwdCuda, jnat::cuda::NaQKBwdDispatch,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // rpb
+                                  .Arg<ffi::AnyBuffer>()  // dattn
+                                  .Ret<ffi::AnyBuffer>()  // dq
+                                  .Ret<ffi::AnyBuffer>()  // dk
+                                  .Ret<ffi::AnyBuffer>()  // drpb
+                                  .Attr<Attr3>("kernel_size")
+                                  .Attr<Attr3>("stride")
+                                  .Attr<Attr3>("dilation")
+                                  .Attr<Attr3>("is_causal"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaAVCuda, jnat::cuda::NaAVDispatch,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // attn
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Attr<Attr3>("kernel_size")
+                                  .Attr<Attr3>("stride")
+                                  .Attr<Attr3>("dilation")
+                                  .Attr<Attr3>("is_causal"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaAVBwdCuda, jnat::cuda::NaAVBwdDispatch,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // attn
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // dout
+                                  .Ret<ffi::AnyBuffer>()  // dattn
+                                  .Ret<ffi::AnyBuffer>()  // dv
+                                  .Attr<Attr3>("kernel_size")
+                                  .Attr<Attr3>("stride")
+                                  .Attr<Attr3>("dilation")
+                                  .Attr<Attr3>("is_causal"),
+                              {ffi::Traits::kCmdBufferCompatible});
