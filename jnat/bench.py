@@ -1,14 +1,18 @@
-"""Benchmark of the op: jnat backends against dense attention, with a matmul peak.
+"""Benchmark of the op: jnat's backends against dense attention, with peaks from the same run.
 
 Usage::
 
-    python -m jnat.bench [--platform cpu] [--repeats 20] [--out results.json]
+    python -m jnat.bench                      # CPU suite
+    python -m jnat.bench --suite gpu          # GPU suite (NAT-Tiny stages, DiNAT, large cases)
 
-Every number comes from one run: a jitted float32 2048² matmul gives the machine's peak,
-then each case times jnat's compiled backend, the xla reference backend and
-``jax.nn.dot_product_attention`` on the same tokens (dense), forward and forward+backward.
-Times are medians. GFLOP/s count in-window FLOPs only: 4·B·N·H·|window|·D for the forward
-and 3.5× that for forward+backward (the backward does five of the seven window matmuls).
+Each row times one implementation on one case: forward, backward alone (from saved
+residuals) and forward+backward, as medians. Compared on the same tokens: jnat's compiled
+backend, its ``xla`` reference backend, dense ``jax.nn.dot_product_attention`` (cuDNN on GPU)
+and, on GPU when torch and natten are installed, NATTEN itself. Rates count in-window FLOPs
+only: 4·B·N·H·|window|·D for the forward and 2.5× that for the backward (five of the seven
+window matmuls). Peaks measured in the same run: a float32 2048² matmul on CPU; a bfloat16
+8192² matmul and a copy's bandwidth on GPU, giving the compute floor (in-window FLOPs at the
+matmul rate) and the memory floor (q, k, v read and out written once at the copy bandwidth).
 """
 
 from __future__ import annotations
@@ -36,21 +40,52 @@ class Case:
   batch: int
   heads: int
   head_dim: int
-  kernel_size: int
+  kernel_size: tuple[int, ...]
+  dilation: int = 1
   rpb: bool = False
+  dtype: str = "float32"
+
+  @property
+  def tokens(self) -> int:
+    return math.prod(self.spatial)
 
   @property
   def forward_flops(self) -> float:
-    window = self.kernel_size ** len(self.spatial)
-    return 4.0 * self.batch * math.prod(self.spatial) * self.heads * window * self.head_dim
+    return 4.0 * self.batch * self.tokens * self.heads * math.prod(self.kernel_size) * \
+        self.head_dim
+
+  @property
+  def io_bytes(self) -> int:
+    """q, k, v read once and out written once."""
+    return 4 * self.batch * self.tokens * self.heads * self.head_dim * \
+        jnp.dtype(self.dtype).itemsize
+
+  @property
+  def gathered_bytes(self) -> float:
+    """What the xla reference materialises in total (keys and values of every window)."""
+    return self.forward_flops / 2 * jnp.dtype(self.dtype).itemsize
 
 
 CPU_CASES = (
-    Case("(a) 2D 56x56 B2 H4 D32 K7", (56, 56), 2, 4, 32, 7),
-    Case("(b) 2D 56x56 B2 H4 D32 K7 +rpb", (56, 56), 2, 4, 32, 7, rpb=True),
-    Case("(c) 1D L4096 B2 H4 D64 K63", (4096,), 2, 4, 64, 63),
-    Case("(d) 3D 16x16x16 B1 H4 D32 K5", (16, 16, 16), 1, 4, 32, 5),
+    Case("(a) 2D 56x56 B2 H4 D32 K7", (56, 56), 2, 4, 32, (7, 7)),
+    Case("(b) 2D 56x56 B2 H4 D32 K7 +rpb", (56, 56), 2, 4, 32, (7, 7), rpb=True),
+    Case("(c) 1D L4096 B2 H4 D64 K63", (4096,), 2, 4, 64, (63,)),
+    Case("(d) 3D 16x16x16 B1 H4 D32 K5", (16, 16, 16), 1, 4, 32, (5, 5, 5)),
 )
+
+GPU_CASES = tuple(
+    Case(f"NAT-Tiny stage {i + 1} {56 >> i}² B128 H{2 << i} D32 K7 +rpb", (56 >> i, 56 >> i),
+         128, 2 << i, 32, (7, 7), rpb=True, dtype="bfloat16") for i in range(4)) + (
+    Case("DiNAT stage 2 28² B128 H4 D32 K7 dil4 +rpb", (28, 28), 128, 4, 32, (7, 7), dilation=4,
+         rpb=True, dtype="bfloat16"),
+    Case("1D L32768 B1 H8 D128 K2048", (32768,), 1, 8, 128, (2048,), dtype="bfloat16"),
+    Case("2D 256² B1 H24 D128 K80x80", (256, 256), 1, 24, 128, (80, 80), dtype="bfloat16"),
+    Case("3D 30x48x80 B1 H24 D128 K18x24x24", (30, 48, 80), 1, 24, 128, (18, 24, 24),
+         dtype="bfloat16"),
+)
+
+# The xla reference gathers every window: beyond this it would take minutes per call.
+XLA_MAX_GATHERED_BYTES = 64 << 30
 
 
 def median_ms(fn, *args, repeats: int) -> float:
@@ -64,86 +99,172 @@ def median_ms(fn, *args, repeats: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-def matmul_peak_gflops(repeats: int) -> float:
-  n = 2048
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  ms = median_ms(jax.jit(jnp.matmul), a, a, repeats=repeats)
-  return 2 * n**3 / (ms * 1e6)
+def matmul_tflops(n: int, dtype, repeats: int) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+  return 2 * n**3 / (median_ms(jax.jit(jnp.matmul), a, a, repeats=repeats) * 1e9)
+
+
+def copy_bandwidth_gbs(repeats: int, gib: int = 2) -> float:
+  x = jnp.ones((gib << 29,), jnp.float16)
+  return 2 * x.nbytes / (median_ms(jax.jit(lambda x: x * 2), x, repeats=repeats) * 1e6)
 
 
 def _inputs(case: Case):
-  keys = jax.random.split(jax.random.key(1), 4)
+  keys = jax.random.split(jax.random.key(1), 5)
   shape = (case.batch, *case.spatial, case.heads, case.head_dim)
-  q, k, v = (jax.random.normal(key, shape, jnp.float32) for key in keys[:3])
+  q, k, v, dout = (jax.random.normal(key, shape, jnp.float32).astype(case.dtype)
+                   for key in keys[:4])
   rpb = None
   if case.rpb:
-    rpb = jax.random.normal(keys[3], (case.heads,) + (2 * case.kernel_size - 1,) * len(case.spatial))
-  return q, k, v, rpb
+    rpb = jax.random.normal(keys[4], (case.heads,) + tuple(2 * k - 1 for k in case.kernel_size))
+  return q, k, v, rpb, dout
 
 
-def _jnat_fns(case: Case, backend: str):
+def _timings(forward, args, dout, repeats):
+  """Forward, backward alone (from saved residuals) and forward+backward, in ms."""
+  fwd = jax.jit(forward)
+  _, vjp = jax.jit(lambda *a: jax.vjp(forward, *a))(*args)
+  bwd = jax.jit(lambda vjp, g: vjp(g))
+  both = jax.jit(lambda *a: jax.vjp(forward, *a[:-1])[1](a[-1]))
+  return (median_ms(fwd, *args, repeats=repeats), median_ms(bwd, vjp, dout, repeats=repeats),
+          median_ms(both, *args, dout, repeats=repeats))
+
+
+def _jnat_forward(case: Case, backend: str):
   op = getattr(jnat, f"na{len(case.spatial)}d")
-  fwd = lambda q, k, v, rpb: op(q, k, v, case.kernel_size, rpb=rpb, backend=backend)
-  loss = lambda q, k, v, rpb: jnp.sum(fwd(q, k, v, rpb))
-  argnums = (0, 1, 2, 3) if case.rpb else (0, 1, 2)
-  return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=argnums))
+  if case.rpb:
+    return lambda q, k, v, rpb: op(q, k, v, case.kernel_size, dilation=case.dilation, rpb=rpb,
+                                   backend=backend)
+  return lambda q, k, v: op(q, k, v, case.kernel_size, dilation=case.dilation, backend=backend)
 
 
-def _dense_fns(case: Case):
+def _dense_forward(platform: str):
+  implementation = "cudnn" if platform == "gpu" else None
   flat = lambda x: x.reshape(x.shape[0], -1, *x.shape[-2:])
-  fwd = lambda q, k, v, rpb: jax.nn.dot_product_attention(flat(q), flat(k), flat(v))
-  loss = lambda q, k, v, rpb: jnp.sum(fwd(q, k, v, rpb))
-  return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return lambda q, k, v: jax.nn.dot_product_attention(
+      flat(q), flat(k), flat(v), implementation=implementation).reshape(q.shape)
 
 
-def run(platform: str, repeats: int, cases=CPU_CASES, log=print):
-  peak = matmul_peak_gflops(repeats)
-  log(f"float32 2048² matmul peak: {peak:.0f} GFLOP/s")
+def _natten_timings(case: Case, repeats: int):
+  """NATTEN's own GPU path on the same shapes, or None where it cannot run here."""
+  try:
+    import natten
+    import torch
+  except ImportError:
+    return None
+  if not torch.cuda.is_available() or case.rpb:
+    return None  # NATTEN >= 0.20 has no rpb
+  shape = (case.batch, *case.spatial, case.heads, case.head_dim)
+  dtype = getattr(torch, case.dtype)
+  q, k, v, dout = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+                   for _ in range(4))
+  op = getattr(natten, f"na{len(case.spatial)}d")
+  fwd = lambda: op(q, k, v, kernel_size=case.kernel_size, dilation=case.dilation)
+
+  def timed(fn):
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      fn()
+      torch.cuda.synchronize()
+      times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+  out = fwd()
+  bwd = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+  both = lambda: torch.autograd.grad(fwd(), (q, k, v), dout)
+  return timed(fwd), timed(bwd), timed(both)
+
+
+def run(suite: str, repeats: int, log=print):
+  platform = "gpu" if suite == "gpu" else "cpu"
+  cases = GPU_CASES if suite == "gpu" else CPU_CASES
+  peaks = {}
+  if platform == "gpu":
+    peaks["matmul_tflops"] = matmul_tflops(8192, jnp.bfloat16, repeats)
+    peaks["copy_gbs"] = copy_bandwidth_gbs(repeats)
+  else:
+    peaks["matmul_tflops"] = matmul_tflops(2048, jnp.float32, repeats)
+  log(f"peaks: {peaks}")
   compiled = [b for b in jnat.available_backends(platform) if b != "xla"]
   rows = []
   for case in cases:
-    args = _inputs(case)
-    impls = [(f"jnat {b}", *_jnat_fns(case, b)) for b in compiled + ["xla"]]
-    impls.append(("dense dot_product_attention", *_dense_fns(case)))
-    for name, fwd, fwd_bwd in impls:
-      for mode, fn, flops in (("fwd", fwd, case.forward_flops),
-                              ("fwd+bwd", fwd_bwd, 3.5 * case.forward_flops)):
-        ms = median_ms(fn, *args, repeats=repeats)
-        gflops = flops / (ms * 1e6)
-        rows.append(dict(case=case.name, impl=name, mode=mode, ms=ms, gflops=gflops,
-                         pct_peak=100 * gflops / peak))
-        log(f"{case.name:<34} {name:<28} {mode:<8} {ms:9.2f} ms {gflops:8.1f} GFLOP/s "
-            f"{100 * gflops / peak:5.1f}%")
-  return dict(date=datetime.date.today().isoformat(), machine=platform_module.machine(),
-              cores=os.cpu_count(), device=jax.devices(platform)[0].device_kind,
-              jax=jax.__version__, peak_gflops=peak, repeats=repeats, rows=rows)
+    q, k, v, rpb, dout = _inputs(case)
+    args = (q, k, v, rpb) if case.rpb else (q, k, v)
+    impls = [(f"jnat {b}", lambda b=b: _timings(_jnat_forward(case, b), args, dout, repeats))
+             for b in compiled]
+    if case.gathered_bytes <= XLA_MAX_GATHERED_BYTES:
+      impls.append(("jnat xla", lambda: _timings(_jnat_forward(case, "xla"), args, dout,
+                                                 repeats)))
+    impls.append(("dense " + ("cudnn" if platform == "gpu" else "xla"),
+                  lambda: _timings(_dense_forward(platform), (q, k, v), dout, repeats)))
+    if platform == "gpu":
+      impls.append(("natten", lambda: _natten_timings(case, repeats)))
+    for name, measure in impls:
+      try:
+        times = measure()
+      except Exception as e:  # e.g. out of memory: record it, keep benchmarking
+        log(f"{case.name:<44} {name:<14} failed: {type(e).__name__}: {str(e)[:200]}")
+        continue
+      if times is None:
+        continue
+      fwd_ms, bwd_ms, both_ms = times
+      row = dict(case=case.name, impl=name, fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_bwd_ms=both_ms,
+                 fwd_tflops=case.forward_flops / (fwd_ms * 1e9),
+                 bwd_tflops=2.5 * case.forward_flops / (bwd_ms * 1e9),
+                 compute_floor_ms=case.forward_flops / (peaks["matmul_tflops"] * 1e9))
+      if "copy_gbs" in peaks:
+        row["memory_floor_ms"] = case.io_bytes / (peaks["copy_gbs"] * 1e6)
+      rows.append(row)
+      log(f"{case.name:<44} {name:<14} fwd {fwd_ms:9.3f} ms  bwd {bwd_ms:9.3f} ms  "
+          f"fwd+bwd {both_ms:9.3f} ms  fwd {row['fwd_tflops']:8.3f} TFLOP/s")
+  device = jax.devices(platform)[0].device_kind
+  return dict(date=datetime.date.today().isoformat(), suite=suite, device=device,
+              machine=platform_module.machine(), cores=os.cpu_count(), jax=jax.__version__,
+              repeats=repeats, peaks=peaks, rows=rows)
 
 
 def markdown(result) -> str:
-  """The results as a Markdown table with speedups against dense attention."""
-  dense = {(r["case"], r["mode"]): r["ms"] for r in result["rows"]
-           if r["impl"].startswith("dense")}
-  lines = [f"Measured {result['date']} on {result['device']} ({result['machine']}, "
-           f"{result['cores']} cores) with jax {result['jax']}; matmul peak "
-           f"{result['peak_gflops']:.0f} GFLOP/s (float32 2048², same run); medians of "
-           f"{result['repeats']}.", "",
-           "| case | implementation | pass | ms | GFLOP/s | % of peak | × vs dense |",
-           "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+  """The results as a Markdown table, with speed-ups against dense attention."""
+  peaks = result["peaks"]
+  gpu = "copy_gbs" in peaks
+  unit, scale = ("TFLOP/s", 1.0) if gpu else ("GFLOP/s", 1e3)
+  dense = {r["case"]: r for r in result["rows"] if r["impl"].startswith("dense")}
+  peak_text = (f"bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s, copy "
+               f"{peaks['copy_gbs']:.0f} GB/s" if gpu else
+               f"float32 2048² matmul {1e3 * peaks['matmul_tflops']:.0f} GFLOP/s")
+  lines = [f"{result['date']}, {result['device']} ({result['machine']}, {result['cores']} "
+           f"cores), jax {result['jax']}; peaks from the same run: {peak_text}; medians of "
+           f"{result['repeats']}.", ""]
+  header = ["case", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", f"fwd {unit}",
+            "fwd % of matmul", f"bwd {unit}", "fwd+bwd × vs dense"]
+  if gpu:
+    header += ["fwd memory floor ms", "fwd compute floor ms"]
+  lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * 2 + " ---: |" * (len(header) - 2)]
   for r in result["rows"]:
-    speedup = dense[(r["case"], r["mode"])] / r["ms"]
-    lines.append(f"| {r['case']} | {r['impl']} | {r['mode']} | {r['ms']:.2f} | "
-                 f"{r['gflops']:.1f} | {r['pct_peak']:.1f} | {speedup:.1f} |")
+    base = dense.get(r["case"])
+    cells = [r["case"], r["impl"], f"{r['fwd_ms']:.3f}", f"{r['bwd_ms']:.3f}",
+             f"{r['fwd_bwd_ms']:.3f}", f"{scale * r['fwd_tflops']:.1f}",
+             f"{100 * r['fwd_tflops'] / peaks['matmul_tflops']:.1f}",
+             f"{scale * r['bwd_tflops']:.1f}",
+             f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}" if base else "–"]
+    if gpu:
+      cells += [f"{r['memory_floor_ms']:.3f}", f"{r['compute_floor_ms']:.3f}"]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--platform", default="cpu")
+  parser.add_argument("--suite", choices=("cpu", "gpu"), default="cpu")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--out", default="bench_results.json",
                       help="JSON results file; a Markdown table is written beside it")
   args = parser.parse_args(argv)
-  result = run(args.platform, args.repeats)
+  result = run(args.suite, args.repeats)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   table = markdown(result)
