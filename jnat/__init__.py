@@ -4,6 +4,7 @@ NATTEN-exact 1D/2D/3D neighborhood attention with a pure-JAX reference backend a
 kernels registered as XLA FFI custom calls.
 """
 
+from jnat.nn import NeighborhoodAttention
 from jnat.ops import available_backends
 from jnat.ops import na1d
 from jnat.ops import na1d_av
@@ -18,6 +19,7 @@ from jnat.ops import na3d_qk
 __version__ = "0.1.0"
 
 __all__ = [
+    "NeighborhoodAttention",
     "available_backends",
     "na1d",
     "na1d_av",

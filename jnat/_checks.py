@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
@@ -132,7 +133,7 @@ def check_rpb(rpb, heads: int, nbhd: Neighborhood):
   if _shape(rpb, "rpb") != expected:
     raise ValueError(f"rpb.shape={tuple(rpb.shape)} must be [heads, 2*kernel_size-1 per axis] "
                      f"= {expected}.")
-  if not np.issubdtype(np.dtype(rpb.dtype), np.floating):
+  if not jnp.issubdtype(rpb.dtype, jnp.floating):  # numpy alone misses bfloat16
     raise ValueError(f"rpb.dtype={rpb.dtype} must be floating point.")
 
 

@@ -104,7 +104,7 @@ NO_RPB = jnp.zeros((0,), jnp.float32)
 ], ids=lambda x: None)
 def test_handler_validates_directly(attrs, args, match):
   args = args or (Q6, Q6, Q6, NO_RPB)
-  with pytest.raises(Exception, match=f"(?i)INVALID_ARGUMENT") as info:
+  with pytest.raises(Exception, match="(?i)INVALID_ARGUMENT") as info:
     jax.block_until_ready(_direct("jnat_na_fwd", FWD_RESULTS, *args, scale=np.float32(0.5),
                                   **attrs))
   assert any(w.lower() in str(info.value).lower() for w in match.split("|")), str(info.value)

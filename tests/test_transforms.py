@@ -1,6 +1,5 @@
 """jit, vmap (nested, per-example rpb), grad and remat on every backend."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -100,3 +99,12 @@ def test_reference_chunking_matches_single_pass(monkeypatch):
   chunked = jax.jit(grad())(*args)
   for a, b in zip(whole, chunked):  # only float32 summation order may differ
     assert rel_err(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_bfloat16_rpb_is_accepted(backend):
+  q, k, v, rpb, *_ = _inputs()
+  low = rpb.astype(jnp.bfloat16)
+  got = jnat.na2d(q, k, v, rpb=low, backend=backend, **KW)
+  want = jnat.na2d(q, k, v, rpb=low.astype(jnp.float32), backend=backend, **KW)
+  np.testing.assert_allclose(got, want, atol=1e-6)
