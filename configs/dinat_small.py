@@ -1,0 +1,10 @@
+"""DiNAT-Small on ImageNet-1K with the paper's recipe (drop path 0.3).
+
+  python train.py --config configs/dinat_small.py --data_dir ~/tensorflow_datasets --workdir runs/dinat_small
+"""
+
+from configs import common
+
+
+def get_config():
+  return common.get_config(model="dinat_small", drop_path_rate=0.3)

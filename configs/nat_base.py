@@ -1,0 +1,10 @@
+"""NAT-Base on ImageNet-1K with the paper's recipe (drop path 0.5).
+
+  python train.py --config configs/nat_base.py --data_dir ~/tensorflow_datasets --workdir runs/nat_base
+"""
+
+from configs import common
+
+
+def get_config():
+  return common.get_config(model="nat_base", drop_path_rate=0.5)

@@ -1,0 +1,10 @@
+"""NAT-Mini on ImageNet-1K with the paper's recipe (drop path 0.2).
+
+  python train.py --config configs/nat_mini.py --data_dir ~/tensorflow_datasets --workdir runs/nat_mini
+"""
+
+from configs import common
+
+
+def get_config():
+  return common.get_config(model="nat_mini", drop_path_rate=0.2)

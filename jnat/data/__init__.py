@@ -1,0 +1,1 @@
+"""Input pipeline: TFDS datasets, ImageNet-style preprocessing, augmentations, mixup."""
