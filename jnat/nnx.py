@@ -19,25 +19,16 @@ from jnat import nn as jnat_nn
 class NeighborhoodAttention(nnx.Module):
   """Multi-head neighborhood self-attention for ``[batch, *spatial, channels]`` inputs.
 
+  The keyword-only configuration (``stride``, ``dilation``, ``is_causal``, ``qkv_bias``,
+  ``rel_pos_bias``, ``qk_scale``, ``attn_drop``, ``proj_drop``, ``deterministic``,
+  ``dtype``, ``param_dtype``, ``kernel_init``, ``bias_init``, ``rpb_init``) is that of
+  ``jnat.nn.NeighborhoodAttention``, whose attributes of the same names document it.
+
   Args:
     in_features: number of channels.
     num_heads: number of attention heads; must divide ``in_features``.
     kernel_size: window size, one per spatial axis (this sets the rank); an int works
       for every rank only without ``rel_pos_bias``, whose shape depends on the rank.
-    stride: query stride, int or per axis.
-    dilation: window dilation, int or per axis.
-    is_causal: causal masking, bool or per axis.
-    qkv_bias: whether the ``qkv`` projection has a bias.
-    rel_pos_bias: whether to learn a relative positional bias ``rpb``.
-    qk_scale: logit scale; ``head_dim ** -0.5`` when None.
-    attn_drop: dropout rate on the attention weights.
-    proj_drop: dropout rate on the output.
-    deterministic: disables dropout; may also be passed to ``__call__``.
-    dtype: computation dtype (inferred from inputs and parameters when None).
-    param_dtype: parameter dtype.
-    kernel_init: initializer of the projection kernels.
-    bias_init: initializer of the projection biases.
-    rpb_init: initializer of ``rpb``.
     backend: op backend; None picks the fastest.
     rngs: ``nnx.Rngs`` with a ``params`` stream (and ``dropout`` for training).
 

@@ -8,7 +8,6 @@ random configurations, every dtype, head dims on both sides of the tensor-core b
 unfused ops, determinism, and the handlers' own validation.
 """
 
-import functools
 import importlib.util
 
 import jax
@@ -19,9 +18,13 @@ from hypothesis import given, settings
 
 import jnat
 from jnat import _checks, _ffi
-from na_testing import HALF_TOL, golden_cases, op, random_inputs, rel_err
-from test_backends import SETTINGS, _fused_with_grads, _inputs, _nbhd_args, configs
-from test_ops_golden import _args, _fused_fn
+from na_testing import (FWD_VALIDATION_CASES, HALF_TOL, assert_fwd_handler_rejects,
+                        assert_fwd_handler_rejects_wrong_output_shape, random_inputs)
+from test_backends import (SETTINGS, _check_fused_against_reference,
+                           _check_unfused_against_reference, _fused_with_grads, _inputs,
+                           _nbhd_args, configs)
+from test_ops_golden import (CASES, WEIGHT_CASES, _check_fused_against_natten,
+                             _check_unfused_against_natten)
 
 TARGETS = ("jnat_na_fwd", "jnat_na_bwd", "jnat_na_qk", "jnat_na_qk_bwd", "jnat_na_av",
            "jnat_na_av_bwd")
@@ -79,59 +82,23 @@ def test_unfused_lower_to_cuda_custom_calls():
 
 # --- On a GPU: the kernels. ---
 
-CASES = golden_cases()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_cuda_matches_natten(case):
-  _, cfg, a = case
-  dq, dk, dv, drpb, out, lse = _fused_fn(cfg["na_dim"], "cuda", **_args(cfg))(
-      a["q"], a["k"], a["v"], a.get("rpb"), a["dout"])
-  np.testing.assert_allclose(out, a["out"], atol=2e-5, rtol=0)
-  if "lse" in a:
-    np.testing.assert_allclose(lse, a["lse"], atol=2e-5, rtol=0)
-  for name, grad in (("dq", dq), ("dk", dk), ("dv", dv), ("drpb", drpb)):
-    if name in a:
-      assert rel_err(grad, a[name]) <= 1e-4, name
+  _check_fused_against_natten(case, "cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [c for c in CASES if "attn" in c[2]],
-                         ids=[c[0] for c in CASES if "attn" in c[2]])
+@pytest.mark.parametrize("case", WEIGHT_CASES, ids=[c[0] for c in WEIGHT_CASES])
 def test_cuda_unfused_matches_natten_weights(case):
-  _, cfg, a = case
-  rank = cfg["na_dim"]
-  logits = op(rank, "_qk")(a["q"] * a["q"].shape[-1] ** -0.5, a["k"], rpb=a.get("rpb"),
-                           backend="cuda", **_args(cfg))
-  weights = jax.nn.softmax(logits, axis=-1)
-  np.testing.assert_allclose(jnp.moveaxis(weights, -2, 1), a["attn"], atol=2e-6, rtol=0)
-  out = op(rank, "_av")(weights, a["v"], backend="cuda", **_args(cfg))
-  np.testing.assert_allclose(out, a["out"], atol=2e-5, rtol=0)
-
-
-def _check_against_reference(c, inputs):
-  out, lse, grads = _fused_with_grads(c, "cuda", inputs)
-  ref_out, ref_lse, ref_grads = _fused_with_grads(c, "xla", inputs)
-  assert out.dtype == inputs[0].dtype and out.shape == inputs[0].shape
-  if c["dtype"] == "float32":
-    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=0)
-    np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=0)
-    for g, r in zip(grads, ref_grads):
-      assert rel_err(g, r) <= 1e-4
-  else:
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32),
-                               **HALF_TOL[c["dtype"]])
-    np.testing.assert_allclose(lse, ref_lse, atol=1e-3, rtol=0)
-    for g, r in zip(grads, ref_grads):
-      assert rel_err(np.asarray(g, np.float32), np.asarray(r, np.float32)) <= 2e-2
+  _check_unfused_against_natten(case, "cuda")
 
 
 @pytest.mark.gpu
 @SETTINGS
 @given(c=configs())
 def test_cuda_fused_matches_reference(c):
-  _check_against_reference(c, _inputs(c))
+  _check_fused_against_reference(c, "cuda")
 
 
 # Head dims around the tensor-core buckets (32, 64, 128) and past them (general kernel), with
@@ -146,7 +113,7 @@ HEAD_DIM_CASE = dict(rank=2, batch=2, spatial=(19, 23), kernel_size=(5, 7), stri
 @pytest.mark.parametrize("dim", [8, 12, 16, 32, 40, 64, 96, 128, 160, 256, 320])
 def test_cuda_head_dims(dim, dtype):
   c = dict(HEAD_DIM_CASE, dim=dim, dtype=dtype)
-  _check_against_reference(c, _inputs(c))
+  _check_fused_against_reference(c, "cuda")
 
 
 @pytest.mark.gpu
@@ -163,31 +130,14 @@ def test_cuda_head_dims(dim, dtype):
 ], ids=["1d-k63", "2d-nat", "2d-dilated-causal", "3d"])
 def test_cuda_larger_problems(c, dtype):
   c = dict(c, batch=1, heads=2, kv_heads=1, rpb=True, extra_tokens=0, seed=3, dtype=dtype)
-  _check_against_reference(c, _inputs(c))
+  _check_fused_against_reference(c, "cuda")
 
 
 @pytest.mark.gpu
 @settings(SETTINGS, max_examples=max(SETTINGS.max_examples // 4, 10))
 @given(c=configs())
 def test_cuda_unfused_matches_reference(c):
-  q, k, v, rpb, _, _ = _inputs(c, "float32")
-  rank, args = c["rank"], _nbhd_args(c)
-
-  def loss(q, k, v, rpb, backend):
-    logits = op(rank, "_qk")(q, k, rpb=rpb, backend=backend, **args)
-    out = op(rank, "_av")(jax.nn.softmax(logits, axis=-1), v, backend=backend, **args)
-    finite = jnp.where(jnp.isfinite(logits), logits, 0.0)
-    return jnp.sum(out * jnp.cos(out)) + jnp.sum(jnp.sin(finite)), (out, logits)
-
-  argnums = (0, 1, 2, 3) if rpb is not None else (0, 1, 2)
-  grad = jax.jit(jax.grad(loss, argnums, has_aux=True), static_argnums=4)
-  grads, (out, logits) = grad(q, k, v, rpb, "cuda")
-  ref_grads, (ref_out, ref_logits) = grad(q, k, v, rpb, "xla")
-  np.testing.assert_array_equal(np.isinf(logits), np.isinf(ref_logits))
-  np.testing.assert_allclose(logits, ref_logits, atol=2e-5, rtol=1e-6)
-  np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=0)
-  for g, r in zip(grads, ref_grads):
-    assert rel_err(g, r) <= 1e-4
+  _check_unfused_against_reference(c, "cuda")
 
 
 @pytest.mark.gpu
@@ -243,57 +193,12 @@ def test_cuda_vmap_and_jit():
 
 # --- The handlers' own validation, called directly with attributes that lie. ---
 
-def _direct(target, results, *args, **attrs):
-  base = dict(kernel_size=np.array([1, 3, 3], np.int64), stride=np.array([1, 1, 1], np.int64),
-              dilation=np.array([1, 1, 1], np.int64), is_causal=np.array([0, 0, 0], np.int64))
-  base.update(attrs)
-  return jax.ffi.ffi_call(target, results)(*args, **base)
-
-
-@functools.lru_cache(maxsize=None)
-def _q6():
-  return jnp.ones((1, 1, 8, 9, 2, 4))
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("attrs, args, match", [
-    (dict(kernel_size=np.array([1, 3], np.int64)), None, "kernel_size"),
-    (dict(kernel_size=np.array([1, 30, 3], np.int64)), None, "kernel"),
-    (dict(kernel_size=np.array([1, 0, 3], np.int64)), None, "kernel"),
-    (dict(stride=np.array([1, 0, 1], np.int64)), None, "stride"),
-    (dict(stride=np.array([1, 4, 1], np.int64)), None, "stride"),
-    (dict(dilation=np.array([1, 0, 1], np.int64)), None, "dilation"),
-    (dict(dilation=np.array([1, 3, 4], np.int64)), None, "dilation|kernel"),
-    (dict(is_causal=np.array([0, 2, 0], np.int64)), None, "causal"),
-    (dict(), "gqa", "head"),
-    (dict(), "spatial", "shape|spatial|match"),
-    (dict(), "rpb", "rpb"),
-    (dict(), "rank", "rank"),
-    (dict(), "dtype", "dtype"),
-], ids=lambda x: None)
-def test_cuda_handler_validates_directly(attrs, args, match):
-  q = _q6()
-  no_rpb = jnp.zeros((0,), jnp.float32)
-  args = {
-      None: (q, q, q, no_rpb),
-      "gqa": (q, jnp.ones((1, 1, 8, 9, 3, 4)), jnp.ones((1, 1, 8, 9, 3, 4)), no_rpb),
-      "spatial": (q, q[:, :, :4], q[:, :, :4], no_rpb),
-      "rpb": (q, q, q, jnp.zeros((2, 1, 3, 3))),
-      "rank": (q[0], q[0], q[0], no_rpb),
-      "dtype": (q, q, q.astype(jnp.bfloat16), no_rpb),
-  }[args]
-  results = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:-1],
-                                                                          jnp.float32)]
-  with pytest.raises(Exception, match="(?i)INVALID_ARGUMENT") as info:
-    jax.block_until_ready(_direct("jnat_na_fwd", results, *args, scale=np.float32(0.5), **attrs))
-  assert any(w.lower() in str(info.value).lower() for w in match.split("|")), str(info.value)
+@pytest.mark.parametrize("attrs, inputs, match", FWD_VALIDATION_CASES, ids=lambda x: None)
+def test_cuda_handler_validates_directly(attrs, inputs, match):
+  assert_fwd_handler_rejects(attrs, inputs, match)
 
 
 @pytest.mark.gpu
 def test_cuda_handler_rejects_wrong_output_shape():
-  q = _q6()
-  bad = [jax.ShapeDtypeStruct((1, 1, 8, 9, 2, 5), jnp.float32),
-         jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32)]
-  with pytest.raises(Exception, match="(?i)INVALID_ARGUMENT"):
-    jax.block_until_ready(_direct("jnat_na_fwd", bad, q, q, q, jnp.zeros((0,), jnp.float32),
-                                  scale=np.float32(1)))
+  assert_fwd_handler_rejects_wrong_output_shape()

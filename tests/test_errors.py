@@ -3,11 +3,11 @@ FFI handlers' own validation when they are called directly with inconsistent att
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jnat
-from na_testing import COMPILED_BACKENDS
+from na_testing import (COMPILED_BACKENDS, FWD_VALIDATION_CASES, assert_fwd_handler_rejects,
+                        assert_fwd_handler_rejects_wrong_output_shape)
 
 Q = jnp.zeros((1, 8, 9, 2, 4))
 
@@ -73,45 +73,12 @@ def test_unfused_bad_input():
 
 # --- The handlers themselves, called directly with attributes that lie about the buffers. ---
 
-def _direct(target, results, *args, **attrs):
-  base = dict(kernel_size=np.array([1, 3, 3], np.int64), stride=np.array([1, 1, 1], np.int64),
-              dilation=np.array([1, 1, 1], np.int64), is_causal=np.array([0, 0, 0], np.int64))
-  base.update(attrs)
-  return jax.ffi.ffi_call(target, results)(*args, **base)
-
-
-Q6 = jnp.ones((1, 1, 8, 9, 2, 4))
-FWD_RESULTS = [jax.ShapeDtypeStruct(Q6.shape, Q6.dtype),
-               jax.ShapeDtypeStruct(Q6.shape[:-1], jnp.float32)]
-NO_RPB = jnp.zeros((0,), jnp.float32)
-
-
 @pytest.mark.skipif("cpu" not in COMPILED_BACKENDS, reason="CPU kernels not built")
-@pytest.mark.parametrize("attrs, args, match", [
-    (dict(kernel_size=np.array([1, 3], np.int64)), None, "kernel_size"),
-    (dict(kernel_size=np.array([1, 30, 3], np.int64)), None, "kernel"),
-    (dict(kernel_size=np.array([1, 0, 3], np.int64)), None, "kernel"),
-    (dict(stride=np.array([1, 0, 1], np.int64)), None, "stride"),
-    (dict(stride=np.array([1, 4, 1], np.int64)), None, "stride"),
-    (dict(dilation=np.array([1, 0, 1], np.int64)), None, "dilation"),
-    (dict(dilation=np.array([1, 3, 4], np.int64)), None, "dilation|kernel"),
-    (dict(is_causal=np.array([0, 2, 0], np.int64)), None, "causal"),
-    (dict(), (Q6, jnp.ones((1, 1, 8, 9, 3, 4)), jnp.ones((1, 1, 8, 9, 3, 4)), NO_RPB), "head"),
-    (dict(), (Q6, Q6[:, :, :4], Q6[:, :, :4], NO_RPB), "shape|spatial|match"),
-    (dict(), (Q6, Q6, Q6, jnp.zeros((2, 1, 3, 3))), "rpb"),
-    (dict(), (Q6[0], Q6[0], Q6[0], NO_RPB), "rank|dimension"),
-    (dict(), (Q6, Q6, Q6.astype(jnp.bfloat16), NO_RPB), "dtype|type"),
-], ids=lambda x: None)
-def test_handler_validates_directly(attrs, args, match):
-  args = args or (Q6, Q6, Q6, NO_RPB)
-  with pytest.raises(Exception, match="(?i)INVALID_ARGUMENT") as info:
-    jax.block_until_ready(_direct("jnat_na_fwd", FWD_RESULTS, *args, scale=np.float32(0.5),
-                                  **attrs))
-  assert any(w.lower() in str(info.value).lower() for w in match.split("|")), str(info.value)
+@pytest.mark.parametrize("attrs, inputs, match", FWD_VALIDATION_CASES, ids=lambda x: None)
+def test_handler_validates_directly(attrs, inputs, match):
+  assert_fwd_handler_rejects(attrs, inputs, match)
 
 
 @pytest.mark.skipif("cpu" not in COMPILED_BACKENDS, reason="CPU kernels not built")
 def test_handler_rejects_wrong_output_shape():
-  bad = [jax.ShapeDtypeStruct((1, 1, 8, 9, 2, 5), jnp.float32), FWD_RESULTS[1]]
-  with pytest.raises(Exception, match="(?i)INVALID_ARGUMENT"):
-    jax.block_until_ready(_direct("jnat_na_fwd", bad, Q6, Q6, Q6, NO_RPB, scale=np.float32(1)))
+  assert_fwd_handler_rejects_wrong_output_shape()

@@ -5,10 +5,13 @@
 // 2K2-1] (nullptr: none), attention weights [B, L0, L1, L2, H, K0*K1*K2] with the window
 // flattened row-major. Which keys a query sees comes from common/na_index.h only.
 //
+// With AVX-512 the fused forward and backward take 16 queries per vector (na_cpu_lanes.h);
+// the kernels here are the portable path and the unfused ops.
+//
 // Threads: the forward kernels split the query tokens. The backward kernels scatter into
 // key rows; they give each (batch, kv head) its own accumulators, and when there are too few
 // of those for the threads they also split the tokens into bands with private float32
-// accumulators summed in a fixed order. Results do not depend on scheduling.
+// accumulators summed in a fixed order (na_cpu_work.h). Results do not depend on scheduling.
 #pragma once
 
 #include <omp.h>
@@ -20,24 +23,11 @@
 #include <vector>
 
 #include "common/na_index.h"
+#include "cpu/na_cpu_lanes.h"
 #include "cpu/na_cpu_simd.h"
+#include "cpu/na_cpu_work.h"
 
 namespace jnat::cpu {
-
-struct NaShape {
-  int64_t batch = 0, heads = 0, kv_heads = 1, dim = 0;
-  int64_t length[3] = {1, 1, 1};
-  int64_t kernel[3] = {1, 1, 1};
-  int64_t stride[3] = {1, 1, 1};
-  int64_t dilation[3] = {1, 1, 1};
-  bool causal[3] = {false, false, false};
-
-  int64_t tokens() const { return length[0] * length[1] * length[2]; }
-  int64_t window() const { return kernel[0] * kernel[1] * kernel[2]; }
-  int64_t rpb_extent(int a) const { return 2 * kernel[a] - 1; }
-  int64_t rpb_size() const { return rpb_extent(0) * rpb_extent(1) * rpb_extent(2); }
-  int64_t group() const { return heads / kv_heads; }
-};
 
 // The valid slots of one query token's window: key token, window slot, rpb offset (within a
 // head). Returns how many there are (at least 1 for a valid shape).
@@ -96,11 +86,6 @@ struct QueryScratch {
   }
 };
 
-// Parallel regions only pay off above this many multiply-adds.
-inline bool WorthThreads(const NaShape& s) {
-  return static_cast<double>(s.batch) * s.tokens() * s.heads * s.window() * (s.dim + 1) > 3.0e4;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Forward kernels: one task per (batch, query token), all heads of that token.
 
@@ -128,8 +113,9 @@ inline void WindowRows(const NaShape& s, const float* base, int64_t b, int64_t h
 }
 
 // Fused forward: out = softmax(scale * q.k + rpb) v over the window; lse its log-normaliser.
-inline void NaFusedForward(const NaShape& s, const float* q, const float* k, const float* v,
-                           const float* rpb, float scale, float* out, float* lse) {
+inline void PortableFusedForward(const NaShape& s, const float* q, const float* k,
+                                 const float* v, const float* rpb, float scale, float* out,
+                                 float* lse) {
   const int64_t D = s.dim, RR = s.rpb_size();
   ForEachQuery(s, [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk, int64_t nv) {
     const int64_t qi = bt * s.heads + h;
@@ -208,6 +194,20 @@ inline std::vector<std::pair<int64_t, int64_t>> RowTiles(const NaShape& s, int64
   return tiles;
 }
 
+// Per-thread buffers of ScatterOverQueries: one query's window and a tile's weights.
+struct TileScratch {
+  QueryScratch query;
+  int64_t kkp;  // stride of one query's weights
+  std::vector<float> wa, wb, tw, twb;
+  std::vector<const float*> xa, xb, terms, termsb;
+  std::vector<int64_t> start, end, count;
+
+  TileScratch(const NaShape& s, int64_t tile, bool two)
+      : query(s), kkp(s.window() + 16), wa(tile * s.group() * kkp), wb(two ? wa.size() : 0),
+        tw(tile * s.group()), twb(tw.size()), xa(tw.size()), xb(tw.size()), terms(tw.size()),
+        termsb(tw.size()), start(tile), end(tile), count(tile) {}
+};
+
 // Runs per_query(sc, b, bt, h, hk, nv, grad) for every query (sc holds its window, as from
 // BuildWindow) and sums the contributions into acc_a / acc_b ([B, tokens, Hkv, D], overwritten;
 // acc_b may be nullptr) and the rpb gradient into drpb ([H, RR], overwritten; nullptr: none).
@@ -216,164 +216,83 @@ void ScatterOverQueries(const NaShape& s, float* acc_a, float* acc_b, float* drp
                         PerQuery&& per_query) {
   const int64_t N = s.tokens(), D = s.dim, G = s.group(), RR = s.rpb_size(), KK = s.window();
   const int64_t L1 = s.length[1], L2 = s.length[2], dil2 = s.dilation[2];
-  const int64_t units = s.batch * s.kv_heads;
-  const int64_t n_acc = acc_b != nullptr ? 2 : 1;
-  const bool threads = WorthThreads(s);
-  const int64_t P = threads ? omp_get_max_threads() : 1;
-
+  const bool two = acc_b != nullptr;
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(kTile, (int64_t{1} << 20) / (G * KK + 1)));
   const auto row_tiles = RowTiles(s, tile);
   const int64_t tiles_per_row = static_cast<int64_t>(row_tiles.size());
-  const int64_t n_tiles = s.length[0] * L1 * tiles_per_row;
 
-  // Bands of tiles per (batch, kv head), only when the units alone cannot balance the threads.
-  int64_t bands = 1;
-  if (P > 1 && units % P != 0 && units < 4 * P) {
-    bands = std::min<int64_t>(P, n_tiles);
-    const double budget = 1.0 * (int64_t{1} << 30);  // bytes of private accumulators
-    while (bands > 1 && 4.0 * bands * units * N * D * n_acc > budget) --bands;
-  }
-  const int64_t items = units * bands;
-  const int64_t band_len = (n_tiles + bands - 1) / bands;
-
-  std::vector<float> priv_a, priv_b;
-  if (bands > 1) {
-    priv_a.assign(static_cast<size_t>(items * N * D), 0.0f);
-    if (n_acc == 2) priv_b.assign(static_cast<size_t>(items * N * D), 0.0f);
-  } else {
-    std::fill(acc_a, acc_a + s.batch * N * s.kv_heads * D, 0.0f);
-    if (acc_b) std::fill(acc_b, acc_b + s.batch * N * s.kv_heads * D, 0.0f);
-  }
-  std::vector<float> priv_rpb(drpb != nullptr ? static_cast<size_t>(items * G * RR) : 0, 0.0f);
-
-#pragma omp parallel if (threads)
-  {
-    QueryScratch sc(s);
-    const int64_t kkp = KK + 16;
-    std::vector<float> wa(static_cast<size_t>(tile * G * kkp)), wb(n_acc == 2 ? wa.size() : 0);
-    std::vector<const float*> xa(tile * G), xb(tile * G), terms(tile * G);
-    std::vector<float> tw(tile * G), twb(tile * G);
-    std::vector<const float*> termsb(tile * G);
-    std::vector<int64_t> start(tile), end(tile), count(tile);
-
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t band = item % bands;
-      const int64_t unit = item / bands;
-      const int64_t b = unit / s.kv_heads, hk = unit % s.kv_heads;
-      float *base_a, *base_b;
-      int64_t stride;
-      if (bands > 1) {
-        base_a = priv_a.data() + item * N * D;
-        base_b = n_acc == 2 ? priv_b.data() + item * N * D : nullptr;
-        stride = D;
-      } else {
-        base_a = acc_a + (b * N * s.kv_heads + hk) * D;
-        base_b = acc_b ? acc_b + (b * N * s.kv_heads + hk) * D : nullptr;
-        stride = s.kv_heads * D;
-      }
-      const int64_t tile_end = std::min(n_tiles, (band + 1) * band_len);
-      for (int64_t ti = band * band_len; ti < tile_end; ++ti) {
-        const int64_t row = ti / tiles_per_row;
-        const auto [grp, c0] = row_tiles[ti % tiles_per_row];
-        const int64_t x0 = row / L1, x1 = row % L1;
-        const AxisWindow w0 = QueryWindow(x0, s.length[0], s.kernel[0], s.stride[0], s.dilation[0], s.causal[0]);
-        const AxisWindow w1 = QueryWindow(x1, s.length[1], s.kernel[1], s.stride[1], s.dilation[1], s.causal[1]);
-        const int64_t jn = std::min(tile, GroupLength(L2, dil2, grp) - c0);
-        // The queries: each fills its weights; the last axis window is kept in group units.
-        for (int64_t j = 0; j < jn; ++j) {
-          const int64_t z = grp + (c0 + j) * dil2;
-          const AxisWindow w2 = QueryWindow(z, L2, s.kernel[2], s.stride[2], dil2, s.causal[2]);
-          start[j] = (w2.first - grp) / dil2;
-          count[j] = w2.count;
-          end[j] = start[j] + w2.count;
-          const int64_t t = row * L2 + z;
-          const int64_t nv = BuildWindow(s, t, sc.key.data(), sc.slot.data(), sc.bias.data());
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t q = j * G + g;
-            QueryGrad grad;
-            grad.wa = wa.data() + q * kkp;
-            grad.wb = n_acc == 2 ? wb.data() + q * kkp : nullptr;
-            grad.rpb = drpb != nullptr ? priv_rpb.data() + (item * G + g) * RR : nullptr;
-            per_query(sc, b, b * N + t, hk * G + g, hk, nv, grad);
-            xa[q] = grad.xa;
-            xb[q] = grad.xb;
-          }
+  ForEachScatterItem(s, s.length[0] * L1 * tiles_per_row, acc_a, acc_b, drpb,
+                     [&] { return TileScratch(s, tile, two); },
+                     [&](TileScratch& ts, const ScatterItem& it) {
+    QueryScratch& sc = ts.query;
+    const int64_t kkp = ts.kkp;
+    for (int64_t ti = it.tile_begin; ti < it.tile_end; ++ti) {
+      const int64_t row = ti / tiles_per_row;
+      const auto [grp, c0] = row_tiles[ti % tiles_per_row];
+      const int64_t x0 = row / L1, x1 = row % L1;
+      const AxisWindow w0 = QueryWindow(x0, s.length[0], s.kernel[0], s.stride[0], s.dilation[0], s.causal[0]);
+      const AxisWindow w1 = QueryWindow(x1, s.length[1], s.kernel[1], s.stride[1], s.dilation[1], s.causal[1]);
+      const int64_t jn = std::min(tile, GroupLength(L2, dil2, grp) - c0);
+      // The queries: each fills its weights; the last axis window is kept in group units.
+      for (int64_t j = 0; j < jn; ++j) {
+        const int64_t z = grp + (c0 + j) * dil2;
+        const AxisWindow w2 = QueryWindow(z, L2, s.kernel[2], s.stride[2], dil2, s.causal[2]);
+        ts.start[j] = (w2.first - grp) / dil2;
+        ts.count[j] = w2.count;
+        ts.end[j] = ts.start[j] + w2.count;
+        const int64_t t = row * L2 + z;
+        const int64_t nv = BuildWindow(s, t, sc.key.data(), sc.slot.data(), sc.bias.data());
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t q = j * G + g;
+          QueryGrad grad;
+          grad.wa = ts.wa.data() + q * kkp;
+          grad.wb = two ? ts.wb.data() + q * kkp : nullptr;
+          grad.rpb = it.rpb != nullptr ? it.rpb + g * RR : nullptr;
+          per_query(sc, it.b, it.b * N + t, it.hk * G + g, it.hk, nv, grad);
+          ts.xa[q] = grad.xa;
+          ts.xb[q] = grad.xb;
         }
-        // The key rows: one read-modify-write each.
-        for (int64_t n0 = 0; n0 < w0.count; ++n0) {
-          const int64_t p0 = w0.first + n0 * w0.step;
-          for (int64_t n1 = 0; n1 < w1.count; ++n1) {
-            const int64_t p1 = w1.first + n1 * w1.step;
-            const int64_t row_base = (p0 * L1 + p1) * L2 + grp;
-            const int64_t slot_row = n0 * w1.count + n1;
-            int64_t jlo = 0;
-            for (int64_t cz = start[0]; cz < end[jn - 1]; ++cz) {
-              while (jlo < jn && end[jlo] <= cz) ++jlo;
-              int64_t m = 0;
-              for (int64_t j = jlo; j < jn && start[j] <= cz; ++j) {
-                const int64_t i = slot_row * count[j] + (cz - start[j]);
-                for (int64_t g = 0; g < G; ++g) {
-                  const int64_t q = j * G + g;
-                  tw[m] = wa[q * kkp + i];
-                  terms[m] = xa[q];
-                  if (n_acc == 2) {
-                    twb[m] = wb[q * kkp + i];
-                    termsb[m] = xb[q];
-                  }
-                  ++m;
+      }
+      // The key rows: one read-modify-write each.
+      for (int64_t n0 = 0; n0 < w0.count; ++n0) {
+        const int64_t p0 = w0.first + n0 * w0.step;
+        for (int64_t n1 = 0; n1 < w1.count; ++n1) {
+          const int64_t p1 = w1.first + n1 * w1.step;
+          const int64_t row_base = (p0 * L1 + p1) * L2 + grp;
+          const int64_t slot_row = n0 * w1.count + n1;
+          int64_t jlo = 0;
+          for (int64_t cz = ts.start[0]; cz < ts.end[jn - 1]; ++cz) {
+            while (jlo < jn && ts.end[jlo] <= cz) ++jlo;
+            int64_t m = 0;
+            for (int64_t j = jlo; j < jn && ts.start[j] <= cz; ++j) {
+              const int64_t i = slot_row * ts.count[j] + (cz - ts.start[j]);
+              for (int64_t g = 0; g < G; ++g) {
+                const int64_t q = j * G + g;
+                ts.tw[m] = ts.wa[q * kkp + i];
+                ts.terms[m] = ts.xa[q];
+                if (two) {
+                  ts.twb[m] = ts.wb[q * kkp + i];
+                  ts.termsb[m] = ts.xb[q];
                 }
+                ++m;
               }
-              if (m == 0) continue;
-              const int64_t key = row_base + cz * dil2;
-              AccumulateRow(base_a + key * stride, D, terms.data(), tw.data(), m);
-              if (n_acc == 2) AccumulateRow(base_b + key * stride, D, termsb.data(), twb.data(), m);
             }
+            if (m == 0) continue;
+            const int64_t key = row_base + cz * dil2;
+            AccumulateRow(it.acc_a + key * it.stride, D, ts.terms.data(), ts.tw.data(), m);
+            if (two) AccumulateRow(it.acc_b + key * it.stride, D, ts.termsb.data(), ts.twb.data(), m);
           }
         }
       }
     }
-
-    if (bands > 1) {
-      const int64_t rows = s.batch * N * s.kv_heads;
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t hk = r % s.kv_heads, t = (r / s.kv_heads) % N, b = r / (s.kv_heads * N);
-        const int64_t first = (b * s.kv_heads + hk) * bands;
-        for (int pass = 0; pass < n_acc; ++pass) {
-          const float* src = (pass == 0 ? priv_a : priv_b).data() + t * D;
-          float* dst = (pass == 0 ? acc_a : acc_b) + r * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = src[first * N * D + d];
-          for (int64_t j = 1; j < bands; ++j) {
-            const float* sj = src + (first + j) * N * D;
-            for (int64_t d = 0; d < D; ++d) dst[d] += sj[d];
-          }
-        }
-      }
-    }
-  }
-
-  if (drpb != nullptr) {
-    for (int64_t h = 0; h < s.heads; ++h) {
-      const int64_t hk = h / G, g = h % G;
-      float* dst = drpb + h * RR;
-      std::fill(dst, dst + RR, 0.0f);
-      for (int64_t b = 0; b < s.batch; ++b) {
-        for (int64_t band = 0; band < bands; ++band) {
-          const int64_t item = (b * s.kv_heads + hk) * bands + band;
-          const float* src = priv_rpb.data() + (item * G + g) * RR;
-          for (int64_t r = 0; r < RR; ++r) dst[r] += src[r];
-        }
-      }
-    }
-  }
+  });
 }
 
 // Fused backward from the saved lse and delta = rowsum(dout * out) (minus the lse cotangent).
-inline void NaFusedBackward(const NaShape& s, const float* q, const float* k, const float* v,
-                            const float* rpb, const float* dout, const float* lse,
-                            const float* delta, float scale, float* dq, float* dk, float* dv,
-                            float* drpb) {
+inline void PortableFusedBackward(const NaShape& s, const float* q, const float* k,
+                                  const float* v, const float* rpb, const float* dout,
+                                  const float* lse, const float* delta, float scale, float* dq,
+                                  float* dk, float* dv, float* drpb) {
   const int64_t D = s.dim, RR = s.rpb_size();
   ScatterOverQueries(s, dk, dv, rpb != nullptr ? drpb : nullptr,
                      [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk,
@@ -451,6 +370,29 @@ inline void NaAVBackward(const NaShape& s, const float* attn, const float* v, co
     for (int64_t i = 0; i < nv; ++i) grad.wa[i] = arow[sc.slot[i]];
     grad.xa = dorow;
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused ops: the lane kernels where the compiler targets AVX-512.
+
+inline void NaFusedForward(const NaShape& s, const float* q, const float* k, const float* v,
+                           const float* rpb, float scale, float* out, float* lse) {
+#if defined(JNAT_CPU_AVX512)
+  LaneFusedForward(s, q, k, v, rpb, scale, out, lse);
+#else
+  PortableFusedForward(s, q, k, v, rpb, scale, out, lse);
+#endif
+}
+
+inline void NaFusedBackward(const NaShape& s, const float* q, const float* k, const float* v,
+                            const float* rpb, const float* dout, const float* lse,
+                            const float* delta, float scale, float* dq, float* dk, float* dv,
+                            float* drpb) {
+#if defined(JNAT_CPU_AVX512)
+  LaneFusedBackward(s, q, k, v, rpb, dout, lse, delta, scale, dq, dk, dv, drpb);
+#else
+  PortableFusedBackward(s, q, k, v, rpb, dout, lse, delta, scale, dq, dk, dv, drpb);
+#endif
 }
 
 }  // namespace jnat::cpu

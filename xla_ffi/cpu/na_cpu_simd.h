@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -272,6 +274,278 @@ inline float ExpShiftedSum(float* x, int64_t n, float shift) {
     _mm512_storeu_ps(x + i, e);
   }
   return _mm512_reduce_add_ps(sum);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lane layout: 16 queries per vector (na_cpu_lanes.h). A "lane matrix" is [rows][16] floats.
+
+// In-register transpose: r[i] lane j becomes r[j] lane i.
+inline void Transpose16(__m512* r) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // 2x2 blocks of single floats
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // 4x4 blocks within each 128-bit lane
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  // u[4i + m] lane block k holds column 4k + m of rows 4i .. 4i + 3: gather the blocks.
+  for (int m = 0; m < 4; ++m) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xDD);
+    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
+    const __m512 w1 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xDD);
+    r[m] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[m + 8] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    r[m + 4] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[m + 12] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+
+// dst[i * dst_stride + j] = scale * rows[j][i] for i < D and j < n (n <= 16 rows of length
+// D; a null row reads as zeros), other lanes of the n-wide stores untouched.
+inline void StoreTransposed(const float* const* rows, int64_t n, int64_t D, float scale,
+                            float* dst, int64_t dst_stride) {
+  const __m512 sv = _mm512_set1_ps(scale);
+  const __mmask16 lanes = TailMask(n);
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    const __mmask16 m = TailMask(D - d0);
+    __m512 r[16];
+    for (int j = 0; j < 16; ++j) {
+      r[j] = j < n && rows[j] ? _mm512_maskz_loadu_ps(m, rows[j] + d0) : _mm512_setzero_ps();
+    }
+    Transpose16(r);
+    for (int64_t i = 0; i < std::min<int64_t>(16, D - d0); ++i) {
+      _mm512_mask_storeu_ps(dst + (d0 + i) * dst_stride, lanes, _mm512_mul_ps(sv, r[i]));
+    }
+  }
+}
+
+// dst[j * dst_stride + d] = xt[d][j] for j < n, d < D: a lane matrix back to n rows.
+inline void StoreLanesToRows(const float* xt, int64_t n, int64_t D, float* dst,
+                             int64_t dst_stride) {
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    const float* rows[16];
+    const int64_t nd = std::min<int64_t>(16, D - d0);
+    for (int64_t i = 0; i < nd; ++i) rows[i] = xt + 16 * (d0 + i);
+    StoreTransposed(rows, nd, n, 1.0f, dst + d0, dst_stride);
+  }
+}
+
+// NB slots of LaneDots, accumulated in registers over d.
+template <int NB, bool kPermute>
+inline void LaneDotsBlock(const float* xt, const float* row, int64_t W, int64_t D, __m512i rel,
+                          float* out) {
+  __m512 acc[NB];
+  for (int n = 0; n < NB; ++n) acc[n] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 x = _mm512_load_ps(xt + 16 * d);
+    const float* r = row + d * W;
+    for (int n = 0; n < NB; ++n) {
+      __m512 k = _mm512_loadu_ps(r + n);
+      if (kPermute) k = _mm512_permutexvar_ps(rel, k);
+      acc[n] = _mm512_fmadd_ps(x, k, acc[n]);
+    }
+  }
+  for (int n = 0; n < NB; ++n) _mm512_store_ps(out + 16 * n, acc[n]);
+}
+
+template <bool kPermute>
+inline void LaneDotsImpl(const float* xt, const float* row, int64_t W, int64_t D, int64_t slots,
+                         __m512i rel, float* out) {
+  int64_t n = 0;
+  for (; n + 8 <= slots; n += 8) LaneDotsBlock<8, kPermute>(xt, row + n, W, D, rel, out + 16 * n);
+  switch (slots - n) {
+    case 1: LaneDotsBlock<1, kPermute>(xt, row + n, W, D, rel, out + 16 * n); break;
+    case 2: LaneDotsBlock<2, kPermute>(xt, row + n, W, D, rel, out + 16 * n); break;
+    case 3: LaneDotsBlock<3, kPermute>(xt, row + n, W, D, rel, out + 16 * n); break;
+    case 4: LaneDotsBlock<4, kPermute>(xt, row + n, W, D, rel, out + 16 * n); break;
+    case 5: LaneDotsBlock<5, kPermute>(xt, row + n, W, D, rel, out + 16 * n); break;
+    case 6: LaneDotsBlock<6, kPermute>(xt, row + n, W, D, rel, out + 16 * n); break;
+    case 7: LaneDotsBlock<7, kPermute>(xt, row + n, W, D, rel, out + 16 * n); break;
+    default: break;
+  }
+}
+
+template <int N>
+using Seq = std::make_integer_sequence<int, N>;
+
+// Columns shift .. shift + 15 of the 32 in (lo, hi): one in-register shift.
+template <int kShift>
+inline __m512 Columns(__m512 lo, __m512 hi) {
+  return _mm512_castsi512_ps(
+      _mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), kShift));
+}
+
+// NB slots kBase .. kBase + NB - 1 of an aligned 16-column group (kBase + NB <= 16) from the
+// two aligned vectors at `row`: acc[i] += x * columns (kBase + i ..) for every d.
+template <int kBase, int... I>
+inline void AlignedDotsStep(const float* xt, const float* row, int64_t W, int64_t D,
+                            __m512* acc, std::integer_sequence<int, I...>) {
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 x = _mm512_load_ps(xt + 16 * d);
+    const __m512 lo = _mm512_load_ps(row + d * W), hi = _mm512_load_ps(row + d * W + 16);
+    ((acc[I] = _mm512_fmadd_ps(x, Columns<kBase + I>(lo, hi), acc[I])), ...);
+  }
+}
+
+template <int NB, int kBase>
+inline void AlignedDotsBlock(const float* xt, const float* row, int64_t W, int64_t D,
+                             float* out) {
+  __m512 acc[NB];
+  for (int n = 0; n < NB; ++n) acc[n] = _mm512_setzero_ps();
+  AlignedDotsStep<kBase>(xt, row, W, D, acc, Seq<NB>());
+  for (int n = 0; n < NB; ++n) _mm512_store_ps(out + 16 * n, acc[n]);
+}
+
+// Up to 8 slots from slot n0 (a multiple of 8) of a tile whose slot 0 is 64-byte aligned.
+template <int kBase>
+inline void AlignedDotsAt(const float* xt, const float* row, int64_t W, int64_t D, int64_t nb,
+                          float* out) {
+  switch (nb) {
+    case 1: AlignedDotsBlock<1, kBase>(xt, row, W, D, out); break;
+    case 2: AlignedDotsBlock<2, kBase>(xt, row, W, D, out); break;
+    case 3: AlignedDotsBlock<3, kBase>(xt, row, W, D, out); break;
+    case 4: AlignedDotsBlock<4, kBase>(xt, row, W, D, out); break;
+    case 5: AlignedDotsBlock<5, kBase>(xt, row, W, D, out); break;
+    case 6: AlignedDotsBlock<6, kBase>(xt, row, W, D, out); break;
+    case 7: AlignedDotsBlock<7, kBase>(xt, row, W, D, out); break;
+    default: AlignedDotsBlock<8, kBase>(xt, row, W, D, out); break;
+  }
+}
+
+// out[n][j] = sum_d xt[d][j] * row[d * W + n + rel[j]] for n < slots: lane j's dot products
+// with the columns of a transposed [D][W] matrix, slot n of lane j at column n + rel[j].
+// rel == nullptr means rel[j] = j: one unaligned load per slot, or with `aligned` (row 64-byte
+// aligned) two aligned loads per 16 slots and a shift in registers. Otherwise rel[j] < 16 and
+// a permute picks each lane's column. xt and out are 64-byte aligned lane matrices.
+inline void LaneDots(const float* xt, const float* row, int64_t W, int64_t D, int64_t slots,
+                     const int32_t* rel, bool aligned, float* out) {
+  if (aligned) {
+    for (int64_t n = 0; n < slots; n += 8) {
+      const int64_t nb = std::min<int64_t>(8, slots - n);
+      const float* group = row + (n / 16) * 16;
+      if (n % 16 == 0) {
+        AlignedDotsAt<0>(xt, group, W, D, nb, out + 16 * n);
+      } else {
+        AlignedDotsAt<8>(xt, group, W, D, nb, out + 16 * n);
+      }
+    }
+  } else if (rel == nullptr) {
+    LaneDotsImpl<false>(xt, row, W, D, slots, _mm512_setzero_si512(), out);
+  } else {
+    LaneDotsImpl<true>(xt, row, W, D, slots, _mm512_loadu_si512(rel), out);
+  }
+}
+
+// Rows d0 .. d0 + ND - 1 of LaneColumnSums, accumulated in registers over every slot.
+template <int ND, bool kPermute>
+inline void LaneColumnSumsBlock(const float* w, const float* const* rows, int64_t n_rows,
+                                int64_t slots, int64_t W, int64_t d0, __m512i rel, float* out) {
+  __m512 acc[ND];
+  for (int d = 0; d < ND; ++d) acc[d] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const float* row = rows[r] + d0 * W;
+    const float* wr = w + r * slots * 16;
+    for (int64_t n = 0; n < slots; ++n) {
+      const __m512 wv = _mm512_load_ps(wr + 16 * n);
+      for (int d = 0; d < ND; ++d) {
+        __m512 x = _mm512_loadu_ps(row + d * W + n);
+        if (kPermute) x = _mm512_permutexvar_ps(rel, x);
+        acc[d] = _mm512_fmadd_ps(wv, x, acc[d]);
+      }
+    }
+  }
+  for (int d = 0; d < ND; ++d) _mm512_store_ps(out + 16 * (d0 + d), acc[d]);
+}
+
+template <bool kPermute>
+inline void LaneColumnSumsImpl(const float* w, const float* const* rows, int64_t n_rows,
+                               int64_t slots, int64_t W, int64_t D, __m512i rel, float* out) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    LaneColumnSumsBlock<16, kPermute>(w, rows, n_rows, slots, W, d, rel, out);
+  }
+  for (; d + 4 <= D; d += 4) {
+    LaneColumnSumsBlock<4, kPermute>(w, rows, n_rows, slots, W, d, rel, out);
+  }
+  for (; d < D; ++d) LaneColumnSumsBlock<1, kPermute>(w, rows, n_rows, slots, W, d, rel, out);
+}
+
+// acc[d] += sum over slots kBase + I of w[slot] * columns (kBase + I ..) of the two aligned
+// vectors of row d, for the ND rows from `row`.
+template <int ND, int kBase, int... I>
+inline void AlignedColumnSumsStep(const float* w, const float* row, int64_t W, __m512* acc,
+                                  std::integer_sequence<int, I...>) {
+  __m512 lo[ND], hi[ND];
+  for (int d = 0; d < ND; ++d) {
+    lo[d] = _mm512_load_ps(row + d * W);
+    hi[d] = _mm512_load_ps(row + d * W + 16);
+  }
+  auto slot = [&](auto shift, const float* ws) {
+    const __m512 wv = _mm512_load_ps(ws);
+    for (int d = 0; d < ND; ++d) {
+      acc[d] = _mm512_fmadd_ps(wv, Columns<decltype(shift)::value>(lo[d], hi[d]), acc[d]);
+    }
+  };
+  (slot(std::integral_constant<int, kBase + I>(), w + 16 * I), ...);
+}
+
+template <int ND, int kBase>
+inline void AlignedColumnSumsAt(const float* w, const float* row, int64_t W, int64_t nb,
+                                __m512* acc) {
+  switch (nb) {
+    case 1: AlignedColumnSumsStep<ND, kBase>(w, row, W, acc, Seq<1>()); break;
+    case 2: AlignedColumnSumsStep<ND, kBase>(w, row, W, acc, Seq<2>()); break;
+    case 3: AlignedColumnSumsStep<ND, kBase>(w, row, W, acc, Seq<3>()); break;
+    case 4: AlignedColumnSumsStep<ND, kBase>(w, row, W, acc, Seq<4>()); break;
+    case 5: AlignedColumnSumsStep<ND, kBase>(w, row, W, acc, Seq<5>()); break;
+    case 6: AlignedColumnSumsStep<ND, kBase>(w, row, W, acc, Seq<6>()); break;
+    case 7: AlignedColumnSumsStep<ND, kBase>(w, row, W, acc, Seq<7>()); break;
+    default: AlignedColumnSumsStep<ND, kBase>(w, row, W, acc, Seq<8>()); break;
+  }
+}
+
+// Rows d0 .. d0 + ND - 1 of LaneColumnSums for a tile whose slot 0 is 64-byte aligned.
+template <int ND>
+inline void AlignedColumnSumsBlock(const float* w, const float* const* rows, int64_t n_rows,
+                                   int64_t slots, int64_t W, int64_t d0, float* out) {
+  __m512 acc[ND];
+  for (int d = 0; d < ND; ++d) acc[d] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const float* row = rows[r] + d0 * W;
+    for (int64_t n = 0; n < slots; n += 8) {
+      const int64_t nb = std::min<int64_t>(8, slots - n);
+      const float* ws = w + (r * slots + n) * 16;
+      if (n % 16 == 0) {
+        AlignedColumnSumsAt<ND, 0>(ws, row + (n / 16) * 16, W, nb, acc);
+      } else {
+        AlignedColumnSumsAt<ND, 8>(ws, row + (n / 16) * 16, W, nb, acc);
+      }
+    }
+  }
+  for (int d = 0; d < ND; ++d) _mm512_store_ps(out + 16 * (d0 + d), acc[d]);
+}
+
+// out[d][j] = sum over key rows r and slots n of w[r * slots + n][j] * rows[r][d * W + n +
+// rel[j]], d < D: lane j's weighted sum of the columns its dot products came from (LaneDots
+// layout and cases; rel == nullptr: rel[j] = j). w and out are 64-byte aligned lane matrices.
+inline void LaneColumnSums(const float* w, const float* const* rows, int64_t n_rows,
+                           int64_t slots, int64_t W, int64_t D, const int32_t* rel, bool aligned,
+                           float* out) {
+  if (aligned) {
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) AlignedColumnSumsBlock<8>(w, rows, n_rows, slots, W, d, out);
+    for (; d + 4 <= D; d += 4) AlignedColumnSumsBlock<4>(w, rows, n_rows, slots, W, d, out);
+    for (; d < D; ++d) AlignedColumnSumsBlock<1>(w, rows, n_rows, slots, W, d, out);
+  } else if (rel == nullptr) {
+    LaneColumnSumsImpl<false>(w, rows, n_rows, slots, W, D, _mm512_setzero_si512(), out);
+  } else {
+    LaneColumnSumsImpl<true>(w, rows, n_rows, slots, W, D, _mm512_loadu_si512(rel), out);
+  }
 }
 
 #else  // portable loops

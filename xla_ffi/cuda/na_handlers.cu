@@ -2,13 +2,15 @@
 //
 // Each op: a Dispatch that decodes and validates every buffer and attribute
 // (common/na_params.h), launches on XLA's stream (na_cuda.h) and turns a launch error into
-// ffi::Error::Internal; then the handler symbol binding buffers, attributes and context.
+// ffi::Error::Internal; then the handler symbol, binding the context and then the op's buffers
+// and attributes (common/na_bindings.h).
 // Handlers that never allocate are command-buffer compatible; the two with an rpb gradient
 // take workspace from XLA's scratch allocator.
 #include <cuda_runtime.h>
 
 #include <string>
 
+#include "common/na_bindings.h"
 #include "common/na_params.h"
 #include "cuda/na_cuda.h"
 #include "cuda/na_handlers.h"
@@ -164,96 +166,23 @@ ffi::Error NaAVBwdDispatch(cudaStream_t stream, ffi::AnyBuffer attn, ffi::AnyBuf
 }  // namespace jnat::cuda
 
 namespace ffi = xla::ffi;
-using jnat::Attr3;
+using jnat::cuda::Stream;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaFwdCuda, jnat::cuda::NaFwdDispatch,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // rpb
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::AnyBuffer>()  // lse
-                                  .Attr<Attr3>("kernel_size")
-                                  .Attr<Attr3>("stride")
-                                  .Attr<Attr3>("dilation")
-                                  .Attr<Attr3>("is_causal")
-                                  .Attr<float>("scale"),
+                              jnat::BindNaFwd(ffi::Ffi::Bind().Ctx<Stream>()),
                               {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaBwdCuda, jnat::cuda::NaBwdDispatch,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // rpb
-                                  .Arg<ffi::AnyBuffer>()  // dout
-                                  .Arg<ffi::AnyBuffer>()  // lse
-                                  .Arg<ffi::AnyBuffer>()  // delta
-                                  .Ret<ffi::AnyBuffer>()  // dq
-                                  .Ret<ffi::AnyBuffer>()  // dk
-                                  .Ret<ffi::AnyBuffer>()  // dv
-                                  .Ret<ffi::AnyBuffer>()  // drpb
-                                  .Attr<Attr3>("kernel_size")
-                                  .Attr<Attr3>("stride")
-                                  .Attr<Attr3>("dilation")
-                                  .Attr<Attr3>("is_causal")
-                                  .Attr<float>("scale"));
-
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JnatNaBwdCuda, jnat::cuda::NaBwdDispatch,
+    jnat::BindNaBwd(ffi::Ffi::Bind().Ctx<Stream>().Ctx<ffi::ScratchAllocator>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaQKCuda, jnat::cuda::NaQKDispatch,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // rpb
-                                  .Ret<ffi::AnyBuffer>()  // attn
-                                  .Attr<Attr3>("kernel_size")
-                                  .Attr<Attr3>("stride")
-                                  .Attr<Attr3>("dilation")
-                                  .Attr<Attr3>("is_causal"),
+                              jnat::BindNaQK(ffi::Ffi::Bind().Ctx<Stream>()),
                               {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaQKBwdCuda, jnat::cuda::NaQKBwdDispatch,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // rpb
-                                  .Arg<ffi::AnyBuffer>()  // dattn
-                                  .Ret<ffi::AnyBuffer>()  // dq
-                                  .Ret<ffi::AnyBuffer>()  // dk
-                                  .Ret<ffi::AnyBuffer>()  // drpb
-                                  .Attr<Attr3>("kernel_size")
-                                  .Attr<Attr3>("stride")
-                                  .Attr<Attr3>("dilation")
-                                  .Attr<Attr3>("is_causal"));
-
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JnatNaQKBwdCuda, jnat::cuda::NaQKBwdDispatch,
+    jnat::BindNaQKBwd(ffi::Ffi::Bind().Ctx<Stream>().Ctx<ffi::ScratchAllocator>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaAVCuda, jnat::cuda::NaAVDispatch,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // attn
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Attr<Attr3>("kernel_size")
-                                  .Attr<Attr3>("stride")
-                                  .Attr<Attr3>("dilation")
-                                  .Attr<Attr3>("is_causal"),
+                              jnat::BindNaAV(ffi::Ffi::Bind().Ctx<Stream>()),
                               {ffi::Traits::kCmdBufferCompatible});
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaAVBwdCuda, jnat::cuda::NaAVBwdDispatch,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // attn
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // dout
-                                  .Ret<ffi::AnyBuffer>()  // dattn
-                                  .Ret<ffi::AnyBuffer>()  // dv
-                                  .Attr<Attr3>("kernel_size")
-                                  .Attr<Attr3>("stride")
-                                  .Attr<Attr3>("dilation")
-                                  .Attr<Attr3>("is_causal"),
+                              jnat::BindNaAVBwd(ffi::Ffi::Bind().Ctx<Stream>()),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,568 @@
+// Fused neighbourhood attention with 16 queries per AVX-512 vector (the "lane" layout).
+//
+// Why: a window holds only K·D multiply-adds per key row, so computing one query at a time
+// ends every logit in a horizontal reduction of a short dot product, which costs about as
+// much as the dot product itself. Here 16 consecutive queries of one spatial row (one dilation
+// group along the last axis) share each vector. Their windows cover the same key rows on the
+// first two axes and, along the last axis, lane j's window starts rel[j] columns after lane
+// 0's. With k and v transposed per spatial row ([D][columns], columns ordered by dilation
+// group), slot n of all 16 windows is one vector: in the interior (rel[j] = j) a shift of two
+// aligned loads, elsewhere (edges, strides, causal clipping) one load and a lane permute.
+// Logits, softmax, probabilities and the weighted sums over the window (out, dq, as column
+// sums of the same transposed rows) are then plain vertical vector code. The scatters into
+// key rows (dk, dv) keep rows row-major with lanes along D, where no reductions arise either,
+// and take their weights from the lane matrices by broadcast.
+//
+// Which keys a query sees still comes from common/na_index.h only; results are identical in
+// structure to the portable kernels (na_cpu_kernels.h), up to float rounding.
+#pragma once
+
+#include "cpu/na_cpu_simd.h"
+
+#if defined(JNAT_CPU_AVX512)
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "common/na_index.h"
+#include "cpu/na_cpu_work.h"
+
+namespace jnat::cpu {
+
+inline constexpr int kLanes = 16;
+
+// Up to 16 consecutive queries of one dilation group along the last axis. The last axis alone
+// decides a tile, so one list serves every spatial row.
+struct LaneTile {
+  alignas(64) int32_t rel[kLanes];  // lane's window start - start0, in [0, 16)
+  alignas(64) int32_t count[kLanes];  // valid slots along the last axis (< K: causal)
+  alignas(64) int32_t rpb0[kLanes];   // rpb index of slot 0 along the last axis
+  int64_t group = 0;   // dilation group along the last axis
+  int64_t first = 0;   // group index of lane 0's query
+  int64_t lanes = 0;   // valid lanes; the rest repeat the last one
+  int64_t start0 = 0;  // group index of lane 0's window start
+  int64_t span = 0;    // columns touched from start0: rel + count of the last lane
+  bool shifted = false;  // rel[j] == j for every lane: no permute needed
+  bool full = false;     // every valid lane sees all K slots: no mask needed
+  bool aligned = false;  // shifted, and start0 falls on a 64-byte boundary of the transposed
+                         // rows (set by ColumnLayout)
+  bool same_rpb = false;  // every valid lane has the same rpb0: one bias per slot for all lanes
+};
+
+inline std::vector<LaneTile> LaneTilesOfRow(const NaShape& s) {
+  const int64_t L = s.length[2], K = s.kernel[2], S = s.stride[2], dil = s.dilation[2];
+  const bool causal = s.causal[2];
+  std::vector<LaneTile> tiles;
+  for (int64_t g = 0; g < dil; ++g) {
+    const int64_t lg = GroupLength(L, dil, g);
+    for (int64_t ig = 0; ig < lg;) {
+      LaneTile t;
+      t.group = g;
+      t.first = ig;
+      t.start0 = WindowStart(ig, lg, K, S, causal);
+      int64_t j = 0;
+      // Windows start in non-decreasing order; a tile ends where one would leave the 16
+      // columns a permute can reach (only with strides).
+      for (; j < kLanes && ig + j < lg; ++j) {
+        const int64_t start = WindowStart(ig + j, lg, K, S, causal);
+        if (start - t.start0 >= kLanes) break;
+        t.rel[j] = static_cast<int32_t>(start - t.start0);
+        t.count[j] = static_cast<int32_t>(WindowCount(ig + j, start, K, causal));
+        t.rpb0[j] = static_cast<int32_t>(RpbIndex(start, ig + j, K));
+      }
+      t.lanes = j;
+      t.shifted = t.full = t.same_rpb = true;
+      for (int64_t i = 0; i < t.lanes; ++i) {
+        t.shifted = t.shifted && t.rel[i] == i;
+        t.full = t.full && t.count[i] == K;
+        t.same_rpb = t.same_rpb && t.rpb0[i] == t.rpb0[0];
+      }
+      for (; j < kLanes; ++j) {
+        t.rel[j] = t.shifted ? static_cast<int32_t>(j) : t.rel[j - 1];
+        t.count[j] = t.count[j - 1];
+        t.rpb0[j] = t.rpb0[j - 1];
+      }
+      t.span = t.rel[t.lanes - 1] + t.count[t.lanes - 1];
+      tiles.push_back(t);
+      ig += t.lanes;
+    }
+  }
+  return tiles;
+}
+
+// Columns of the transposed rows: group g of the last axis from column offset[g]. Each group
+// starts where its interior tiles' windows begin on a 64-byte boundary, so those tiles read
+// aligned vectors and shift them in registers (LaneDots, LaneColumnSums). Gaps are zeros.
+struct ColumnLayout {
+  std::vector<int64_t> offset;  // [dilation + 1]; offset[dilation]: end of the last group
+  int64_t width = 0;
+
+  // Marks the tiles that come out aligned.
+  ColumnLayout(const NaShape& s, std::vector<LaneTile>& tiles) : offset(s.dilation[2] + 1, 0) {
+    int64_t end = 0;
+    for (int64_t g = 0; g < s.dilation[2]; ++g) {
+      int64_t start0 = 0;  // window start of the group's first shifted tile
+      for (const LaneTile& t : tiles) {
+        if (t.group == g && t.shifted) {
+          start0 = t.start0;
+          break;
+        }
+      }
+      offset[g] = end + ((16 - (end + start0) % 16) % 16);
+      end = offset[g] + GroupLength(s.length[2], s.dilation[2], g);
+    }
+    offset[s.dilation[2]] = end;
+    for (LaneTile& t : tiles) t.aligned = t.shifted && (offset[t.group] + t.start0) % 16 == 0;
+    // Vector loads for lanes past the tile or slots past a causal window may run into the
+    // next row of the buffer (finite data, unused): see slack(). No multiple of 1024 floats,
+    // whose rows would all fall into the same cache sets.
+    width = (end + 15) / 16 * 16;
+    if (width % 1024 == 0) width += 16;
+  }
+
+  // Floats after the last row that such loads may reach.
+  static int64_t slack(const NaShape& s) { return s.kernel[2] + 64; }
+};
+
+// k or v of one (batch, kv head) transposed per spatial row: a [D][width] matrix per row,
+// whose columns are the row's tokens ordered by dilation group along the last axis (group g
+// from column offset(g)), then zeros, so that a 16-wide load from any window slot stays in
+// bounds. One (batch, kv head) at a time keeps the transposed data in the cache while the
+// tiles read it.
+class PlaneTransposed {
+ public:
+  // buffer: the CallScratch slot to use.
+  PlaneTransposed(const NaShape& s, const ColumnLayout& layout, int buffer)
+      : s_(s), rows_(s.length[0] * s.length[1]), width_(layout.width), offset_(layout.offset),
+        storage_(buffer, static_cast<size_t>(rows_ * s.dim * width_ + ColumnLayout::slack(s))),
+        data_(storage_.data()) {
+    std::fill(data_ + rows_ * s.dim * width_,
+              data_ + rows_ * s.dim * width_ + ColumnLayout::slack(s), 0.0f);
+  }
+
+  int64_t rows() const { return rows_; }
+
+  // Transposes spatial rows [row_begin, row_end) of (b, hk) of x [B, tokens, Hkv, D].
+  void Fill(const float* x, int64_t b, int64_t hk, int64_t row_begin, int64_t row_end) {
+    const int64_t L2 = s_.length[2], dil = s_.dilation[2], D = s_.dim, Hkv = s_.kv_heads;
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const float* src = x + ((b * s_.tokens() + row * L2) * Hkv + hk) * D;
+      float* dst = Row(row);
+      for (int64_t g = 0; g < dil; ++g) {
+        const int64_t lg = GroupLength(L2, dil, g);
+        for (int64_t c = 0; c < lg; c += kLanes) {
+          const float* cols[kLanes];
+          const int64_t n = std::min<int64_t>(kLanes, lg - c);
+          for (int64_t j = 0; j < n; ++j) cols[j] = src + (g + (c + j) * dil) * Hkv * D;
+          StoreTransposed(cols, n, D, 1.0f, dst + offset_[g] + c, width_);
+        }
+      }
+      for (int64_t d = 0; d < D; ++d) {  // zeros outside the groups
+        float* col = dst + d * width_;
+        std::fill(col, col + offset_[0], 0.0f);
+        for (int64_t g = 0; g < dil; ++g) {
+          const int64_t group_end = offset_[g] + GroupLength(L2, dil, g);
+          std::fill(col + group_end, col + (g + 1 < dil ? offset_[g + 1] : width_), 0.0f);
+        }
+      }
+    }
+  }
+
+  // Spatial row `row` (= x0 * L1 + x1): [D][width].
+  float* Row(int64_t row) const { return data_ + row * s_.dim * width_; }
+  int64_t width() const { return width_; }
+  int64_t offset(int64_t group) const { return offset_[group]; }
+
+ private:
+  const NaShape& s_;
+  int64_t rows_, width_;
+  std::vector<int64_t> offset_;
+  CallScratch storage_;
+  float* data_;
+};
+
+// The key rows that the windows of spatial row (x0, x1) cover: spatial row index and rpb
+// offset (within a head, without the last axis' part) of each.
+inline int64_t KeyRowsOf(const NaShape& s, int64_t row, int64_t* key_row, int64_t* bias_row) {
+  const int64_t x0 = row / s.length[1], x1 = row % s.length[1];
+  const AxisWindow w0 =
+      QueryWindow(x0, s.length[0], s.kernel[0], s.stride[0], s.dilation[0], s.causal[0]);
+  const AxisWindow w1 =
+      QueryWindow(x1, s.length[1], s.kernel[1], s.stride[1], s.dilation[1], s.causal[1]);
+  int64_t n = 0;
+  for (int64_t n0 = 0; n0 < w0.count; ++n0) {
+    for (int64_t n1 = 0; n1 < w1.count; ++n1) {
+      key_row[n] = (w0.first + n0 * w0.step) * s.length[1] + w1.first + n1 * w1.step;
+      bias_row[n] = ((w0.rpb0 + n0) * s.rpb_extent(1) + w1.rpb0 + n1) * s.rpb_extent(2);
+      ++n;
+    }
+  }
+  return n;
+}
+
+// Where one tile of one head lives: its queries' token rows and the key rows of its windows.
+struct LaneTask {
+  const LaneTile* tile = nullptr;
+  int64_t b = 0, h = 0, hk = 0, row = 0;
+  int64_t n_rows = 0;          // key rows
+  const int64_t* key_row = nullptr;
+  const int64_t* bias_row = nullptr;
+
+  // Token index (within the batch) of lane j's query.
+  int64_t token(const NaShape& s, int64_t j) const {
+    return row * s.length[2] + tile->group + (tile->first + j) * s.dilation[2];
+  }
+  // Lane j's query row of a [B, tokens, H, D] tensor (nullptr for padding lanes).
+  const float* query_row(const NaShape& s, const float* x, int64_t j) const {
+    return j < tile->lanes ? x + ((b * s.tokens() + token(s, j)) * s.heads + h) * s.dim : nullptr;
+  }
+  // Key row r's slot-0 column of lane 0, in a transposed kv plane of (b, hk).
+  const float* transposed(const PlaneTransposed& t, int64_t r) const {
+    return t.Row(key_row[r]) + t.offset(tile->group) + tile->start0;
+  }
+  // Key row r's token at group column c, in a [B, tokens, Hkv, D] tensor: its index.
+  int64_t key_token(const NaShape& s, int64_t r, int64_t c) const {
+    return key_row[r] * s.length[2] + tile->group + c * s.dilation[2];
+  }
+};
+
+// Per-thread buffers; lane matrices are 64-byte aligned.
+struct LaneScratch {
+  int64_t slots;  // the window size: rows of a logits lane matrix
+  std::vector<int64_t> key_row, bias_row;
+  std::vector<const float*> rows;  // one pointer per key row
+  AlignedFloats xt, yt, buf;
+  // [heads][16][D] compact copies of the tile's q and dout rows (backward). In the tensors
+  // they lie heads * D floats apart, a power of two that would map them all to a few cache
+  // sets, where the key rows streaming through the scatter evict them.
+  AlignedFloats q_rows, dout_rows;
+  float* s0;  // [heads][slots][16] logits, probabilities
+  float* s1;  // [heads][slots][16] second lane matrix (backward: scaled ds)
+  float* s2;  // [slots][16] temporary
+  float* stat;  // [4][16] per-lane statistics
+
+  LaneScratch(const NaShape& s, int64_t heads)
+      : slots(s.window()), key_row(s.kernel[0] * s.kernel[1]), bias_row(key_row.size()),
+        rows(key_row.size()), xt(s.dim * kLanes), yt(s.dim * kLanes),
+        buf((2 * heads + 1) * slots * kLanes + 4 * kLanes), q_rows(heads * kLanes * s.dim),
+        dout_rows(heads * kLanes * s.dim) {
+    s0 = buf.data();
+    s1 = s0 + heads * slots * kLanes;
+    s2 = s1 + heads * slots * kLanes;
+    stat = s2 + slots * kLanes;
+  }
+};
+
+// Adds this head's rpb to the logits of every slot and sets masked slots to -inf; returns
+// the lanes' maxima. logit: [n_rows * K2][16].
+inline __m512 FinishLogits(const NaShape& s, const LaneTask& t, const float* rpb_h, float* logit) {
+  const LaneTile& tile = *t.tile;
+  const int64_t K2 = s.kernel[2];
+  const __m512i rpb0 = _mm512_load_si512(tile.rpb0);
+  const __m512i count = _mm512_load_si512(tile.count);
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  __m512 m = neg_inf;
+  for (int64_t r = 0; r < t.n_rows; ++r) {
+    for (int64_t n = 0; n < K2; ++n) {
+      float* x = logit + (r * K2 + n) * kLanes;
+      __m512 v = _mm512_load_ps(x);
+      if (rpb_h != nullptr && tile.same_rpb) {
+        v = _mm512_add_ps(v, _mm512_set1_ps(rpb_h[t.bias_row[r] + tile.rpb0[0] + n]));
+      } else if (rpb_h != nullptr) {
+        const __m512i idx = _mm512_add_epi32(rpb0, _mm512_set1_epi32(static_cast<int32_t>(n)));
+        v = _mm512_add_ps(v, _mm512_i32gather_ps(idx, rpb_h + t.bias_row[r], 4));
+      }
+      if (!tile.full) {
+        const __mmask16 valid =
+            _mm512_cmpgt_epi32_mask(count, _mm512_set1_epi32(static_cast<int32_t>(n)));
+        v = _mm512_mask_mov_ps(neg_inf, valid, v);
+      }
+      _mm512_store_ps(x, v);
+      m = _mm512_max_ps(m, v);
+    }
+  }
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+// One tile of one head: out and lse of its queries.
+inline void LaneForwardTile(const NaShape& s, const LaneTask& t, const PlaneTransposed& kt,
+                            const PlaneTransposed& vt, const float* q, const float* rpb,
+                            float scale, LaneScratch& sc, float* out, float* lse) {
+  const LaneTile& tile = *t.tile;
+  const int64_t K2 = s.kernel[2], W = kt.width(), D = s.dim;
+  const int32_t* rel = tile.shifted ? nullptr : tile.rel;
+  const float* qrows[kLanes];
+  for (int j = 0; j < kLanes; ++j) qrows[j] = t.query_row(s, q, j);
+  StoreTransposed(qrows, kLanes, D, scale, sc.xt.data(), kLanes);
+  for (int64_t r = 0; r < t.n_rows; ++r) {
+    LaneDots(sc.xt.data(), t.transposed(kt, r), W, D, K2, rel, tile.aligned,
+             sc.s0 + r * K2 * kLanes);
+  }
+  const __m512 m = FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, sc.s0);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t n = 0; n < t.n_rows * K2; ++n) {
+    float* x = sc.s0 + n * kLanes;
+    const __m512 e = Exp16(_mm512_sub_ps(_mm512_load_ps(x), m));
+    _mm512_store_ps(x, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  for (int64_t r = 0; r < t.n_rows; ++r) sc.rows[r] = t.transposed(vt, r);
+  LaneColumnSums(sc.s0, sc.rows.data(), t.n_rows, K2, W, D, rel, tile.aligned, sc.yt.data());
+  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), sum);
+  for (int64_t d = 0; d < D; ++d) {
+    float* y = sc.yt.data() + d * kLanes;
+    _mm512_store_ps(y, _mm512_mul_ps(inv, _mm512_load_ps(y)));
+  }
+  const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
+  const int64_t lane_step = s.dilation[2] * s.heads;  // between consecutive lanes' queries
+  StoreLanesToRows(sc.yt.data(), tile.lanes, D, out + q0 * D, lane_step * D);
+  _mm512_store_ps(sc.stat, m);
+  _mm512_store_ps(sc.stat + kLanes, sum);
+  for (int64_t j = 0; j < tile.lanes; ++j) {
+    lse[q0 + j * lane_step] = sc.stat[j] + std::log(sc.stat[kLanes + j]);
+  }
+}
+
+inline void LaneFusedForward(const NaShape& s, const float* q, const float* k, const float* v,
+                             const float* rpb, float scale, float* out, float* lse) {
+  std::vector<LaneTile> tiles = LaneTilesOfRow(s);
+  const ColumnLayout layout(s, tiles);
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size()), rows = s.length[0] * s.length[1];
+  const int64_t G = s.group(), planes = s.batch * s.kv_heads, units = rows * n_tiles;
+  const bool threads = WorthThreads(s);
+  // Each thread transposes the (batch, kv head) planes it works on into its own buffers, so
+  // that threads meet only at the end: on a busy machine every barrier waits for whichever
+  // thread was descheduled. With fewer planes than threads, planes are split into bands of
+  // (row, tile) units, each transposing only the key rows its windows cover.
+  const int64_t P = threads ? omp_get_max_threads() : 1;
+  const int64_t bands = std::min(units, (P + planes - 1) / planes);
+  const int64_t band_len = (units + bands - 1) / bands;
+#pragma omp parallel if (threads)
+  {
+    LaneScratch sc(s, 1);
+    PlaneTransposed kt(s, layout, 0), vt(s, layout, 1);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < planes * bands; ++item) {
+      LaneTask t;
+      t.b = item / bands / s.kv_heads;
+      t.hk = item / bands % s.kv_heads;
+      const int64_t u0 = item % bands * band_len, u1 = std::min(units, u0 + band_len);
+      if (u0 >= u1) continue;
+      int64_t first = rows, last = -1;  // key rows the band's windows cover
+      for (int64_t row = u0 / n_tiles; row <= (u1 - 1) / n_tiles; ++row) {
+        const int64_t n = KeyRowsOf(s, row, sc.key_row.data(), sc.bias_row.data());
+        for (int64_t r = 0; r < n; ++r) {
+          first = std::min(first, sc.key_row[r]);
+          last = std::max(last, sc.key_row[r]);
+        }
+      }
+      kt.Fill(k, t.b, t.hk, first, last + 1);
+      vt.Fill(v, t.b, t.hk, first, last + 1);
+      t.key_row = sc.key_row.data();
+      t.bias_row = sc.bias_row.data();
+      t.row = -1;
+      for (int64_t u = u0; u < u1; ++u) {
+        if (u / n_tiles != t.row) {
+          t.row = u / n_tiles;
+          t.n_rows = KeyRowsOf(s, t.row, sc.key_row.data(), sc.bias_row.data());
+        }
+        t.tile = &tiles[u % n_tiles];
+        for (int64_t g = 0; g < G; ++g) {  // heads sharing the kv head: the same key rows
+          t.h = t.hk * G + g;
+          LaneForwardTile(s, t, kt, vt, q, rpb, scale, sc, out, lse);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+// Lane vector of a per-(token, head) statistic [B, tokens, H] for the tile's queries.
+inline __m512 LaneStat(const NaShape& s, const LaneTask& t, const float* x, float* tmp) {
+  const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
+  const int64_t step = s.dilation[2] * s.heads;
+  for (int64_t j = 0; j < kLanes; ++j) tmp[j] = j < t.tile->lanes ? x[q0 + j * step] : 0.0f;
+  return _mm512_loadu_ps(tmp);
+}
+
+// One head of one tile: probabilities p (into sc.s0 + g * slots * 16) and scale * ds (into
+// sc.s1 + ...), the rpb gradient of the head (rpb_grad, or nullptr), and dq of its queries.
+inline void LaneBackwardHead(const NaShape& s, const LaneTask& t, const PlaneTransposed& kt,
+                             const PlaneTransposed& vt, const float* q, const float* rpb,
+                             const float* dout, const float* lse, const float* delta,
+                             float scale, int64_t g, LaneScratch& sc, float* rpb_grad,
+                             float* dq) {
+  const LaneTile& tile = *t.tile;
+  const int64_t K2 = s.kernel[2], W = kt.width(), D = s.dim, n_slots = t.n_rows * K2;
+  const int32_t* rel = tile.shifted ? nullptr : tile.rel;
+  float* p = sc.s0 + g * sc.slots * kLanes;
+  float* ds = sc.s1 + g * sc.slots * kLanes;
+  float* dp = sc.s2;
+  const float* rows[kLanes];
+  float* q_copy = sc.q_rows.data() + g * kLanes * D;
+  float* dout_copy = sc.dout_rows.data() + g * kLanes * D;
+  for (int j = 0; j < kLanes; ++j) rows[j] = t.query_row(s, q, j);
+  StoreTransposed(rows, kLanes, D, scale, sc.xt.data(), kLanes);
+  for (int64_t j = 0; j < tile.lanes; ++j) std::copy(rows[j], rows[j] + D, q_copy + j * D);
+  for (int j = 0; j < kLanes; ++j) rows[j] = t.query_row(s, dout, j);
+  StoreTransposed(rows, kLanes, D, 1.0f, sc.yt.data(), kLanes);
+  for (int64_t j = 0; j < tile.lanes; ++j) std::copy(rows[j], rows[j] + D, dout_copy + j * D);
+  for (int64_t r = 0; r < t.n_rows; ++r) {
+    LaneDots(sc.xt.data(), t.transposed(kt, r), W, D, K2, rel, tile.aligned, p + r * K2 * kLanes);
+    LaneDots(sc.yt.data(), t.transposed(vt, r), W, D, K2, rel, tile.aligned, dp + r * K2 * kLanes);
+  }
+  FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, p);
+  const __m512 lse_v = LaneStat(s, t, lse, sc.stat);
+  const __m512 delta_v = LaneStat(s, t, delta, sc.stat);
+  const __m512 sv = _mm512_set1_ps(scale);
+  const __m512i count = _mm512_load_si512(tile.count);
+  for (int64_t n = 0; n < n_slots; ++n) {
+    // Masked slots hold -inf logits: p = 0 there, and ds = 0 whatever dp holds.
+    const __mmask16 valid =
+        _mm512_cmpgt_epi32_mask(count, _mm512_set1_epi32(static_cast<int32_t>(n % K2)));
+    const __m512 pv = Exp16(_mm512_sub_ps(_mm512_load_ps(p + n * kLanes), lse_v));
+    const __m512 dsv =
+        _mm512_maskz_mul_ps(valid, pv, _mm512_sub_ps(_mm512_load_ps(dp + n * kLanes), delta_v));
+    _mm512_store_ps(p + n * kLanes, _mm512_maskz_mov_ps(valid, pv));
+    _mm512_store_ps(ds + n * kLanes, _mm512_mul_ps(sv, dsv));
+    if (rpb_grad != nullptr) {  // dsv is 0 at masked slots
+      float* bias = rpb_grad + t.bias_row[n / K2] + n % K2;
+      if (tile.same_rpb) {
+        bias[tile.rpb0[0]] += _mm512_mask_reduce_add_ps(TailMask(tile.lanes), dsv);
+      } else {
+        _mm512_store_ps(sc.stat, dsv);
+        for (int64_t j = 0; j < tile.lanes; ++j) bias[tile.rpb0[j]] += sc.stat[j];
+      }
+    }
+  }
+  for (int64_t r = 0; r < t.n_rows; ++r) sc.rows[r] = t.transposed(kt, r);
+  LaneColumnSums(ds, sc.rows.data(), t.n_rows, K2, W, D, rel, tile.aligned, sc.yt.data());
+  const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
+  StoreLanesToRows(sc.yt.data(), tile.lanes, D, dq + q0 * D, s.dilation[2] * s.heads * D);
+}
+
+// acc_a / acc_b rows of every key that the tile's windows cover += sum over the (head, lane)
+// pairs that see the key of weight * (the pair's row of xa / xb, [heads][16][D]): one
+// read-modify-write per key. Pair (g, j) sees key column start0 + c at slot c - rel[j] of
+// its lane matrices wa / wb. Columns d0 .. d0 + 16 * NC of the rows (the last vector masked
+// to D).
+template <int NC>
+inline void LaneScatterRows(const NaShape& s, const LaneTask& t, const float* wa,
+                            const float* wb, const float* xa, const float* xb,
+                            const ScatterItem& it, int64_t d0) {
+  const LaneTile& tile = *t.tile;
+  const int64_t D = s.dim, G = s.group(), K2 = s.kernel[2], slots = s.window();
+  __mmask16 mk[NC];
+  for (int c = 0; c < NC; ++c) mk[c] = TailMask(D - d0 - 16 * c);
+  int32_t lane_w[kLanes];  // lane j's weight at key column c: wa[(c + slot row) * 16 + lane_w[j]]
+  for (int j = 0; j < kLanes; ++j) lane_w[j] = j - tile.rel[j] * kLanes;
+  for (int64_t r = 0; r < t.n_rows; ++r) {
+    int64_t jlo = 0, jhi = 0;
+    for (int64_t c = 0; c < tile.span; ++c) {  // key column start0 + c
+      // Windows start and end in non-decreasing order: the lanes seeing c are a range.
+      while (jhi < tile.lanes && tile.rel[jhi] <= c) ++jhi;
+      while (jlo < jhi && tile.rel[jlo] + tile.count[jlo] <= c) ++jlo;
+      if (jlo == jhi) continue;
+      const int64_t key = t.key_token(s, r, tile.start0 + c);
+      float* ka = it.acc_a + key * it.stride + d0;
+      float* kb = it.acc_b + key * it.stride + d0;
+      __m512 a[NC], b[NC];
+      for (int v = 0; v < NC; ++v) {
+        a[v] = _mm512_maskz_loadu_ps(mk[v], ka + 16 * v);
+        b[v] = _mm512_maskz_loadu_ps(mk[v], kb + 16 * v);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t w0 = (g * slots + r * K2 + c) * kLanes;
+        for (int64_t j = jlo; j < jhi; ++j) {
+          const __m512 va = _mm512_set1_ps(wa[w0 + lane_w[j]]);
+          const __m512 vb = _mm512_set1_ps(wb[w0 + lane_w[j]]);
+          const float* ra = xa + (g * kLanes + j) * D + d0;
+          const float* rb = xb + (g * kLanes + j) * D + d0;
+          for (int v = 0; v < NC; ++v) {
+            a[v] = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(mk[v], ra + 16 * v), a[v]);
+            b[v] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mk[v], rb + 16 * v), b[v]);
+          }
+        }
+      }
+      for (int v = 0; v < NC; ++v) {
+        _mm512_mask_storeu_ps(ka + 16 * v, mk[v], a[v]);
+        _mm512_mask_storeu_ps(kb + 16 * v, mk[v], b[v]);
+      }
+    }
+  }
+}
+
+// dk += scale * ds q and dv += p dout over the tile's windows.
+inline void LaneScatter(const NaShape& s, const LaneTask& t, const LaneScratch& sc,
+                        const ScatterItem& it) {
+  const float* q = sc.q_rows.data();
+  const float* dout = sc.dout_rows.data();
+  // Rows of up to 64 floats stay in registers; longer ones go 64 columns at a time.
+  for (int64_t d = 0; d < s.dim; d += 64) {
+    switch ((std::min<int64_t>(s.dim - d, 64) + 15) / 16) {
+      case 1: LaneScatterRows<1>(s, t, sc.s1, sc.s0, q, dout, it, d); break;
+      case 2: LaneScatterRows<2>(s, t, sc.s1, sc.s0, q, dout, it, d); break;
+      case 3: LaneScatterRows<3>(s, t, sc.s1, sc.s0, q, dout, it, d); break;
+      default: LaneScatterRows<4>(s, t, sc.s1, sc.s0, q, dout, it, d); break;
+    }
+  }
+}
+
+inline void LaneFusedBackward(const NaShape& s, const float* q, const float* k, const float* v,
+                              const float* rpb, const float* dout, const float* lse,
+                              const float* delta, float scale, float* dq, float* dk, float* dv,
+                              float* drpb) {
+  std::vector<LaneTile> tiles = LaneTilesOfRow(s);
+  const ColumnLayout layout(s, tiles);
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size()), rows = s.length[0] * s.length[1];
+  const int64_t G = s.group(), RR = s.rpb_size();
+  struct Scratch {
+    LaneScratch lanes;
+    PlaneTransposed kt, vt;
+    int64_t b = -1, hk = -1;  // the plane in kt, vt
+  };
+  ForEachScatterItem(s, rows * n_tiles, dk, dv, rpb != nullptr ? drpb : nullptr,
+                     [&] {
+                       return Scratch{LaneScratch(s, G), PlaneTransposed(s, layout, 0),
+                                      PlaneTransposed(s, layout, 1)};
+                     },
+                     [&](Scratch& sc, const ScatterItem& it) {
+    if (sc.b != it.b || sc.hk != it.hk) {  // an item's tiles all read its (batch, kv head)
+      sc.kt.Fill(k, it.b, it.hk, 0, rows);
+      sc.vt.Fill(v, it.b, it.hk, 0, rows);
+      sc.b = it.b;
+      sc.hk = it.hk;
+    }
+    int64_t last_row = -1, n_rows = 0;
+    for (int64_t i = it.tile_begin; i < it.tile_end; ++i) {
+      LaneTask t;
+      t.tile = &tiles[i % n_tiles];
+      t.row = i / n_tiles;
+      t.b = it.b;
+      t.hk = it.hk;
+      if (t.row != last_row) {
+        n_rows = KeyRowsOf(s, t.row, sc.lanes.key_row.data(), sc.lanes.bias_row.data());
+        last_row = t.row;
+      }
+      t.n_rows = n_rows;
+      t.key_row = sc.lanes.key_row.data();
+      t.bias_row = sc.lanes.bias_row.data();
+      for (int64_t g = 0; g < G; ++g) {
+        t.h = it.hk * G + g;
+        LaneBackwardHead(s, t, sc.kt, sc.vt, q, rpb, dout, lse, delta, scale, g, sc.lanes,
+                         it.rpb != nullptr ? it.rpb + g * RR : nullptr, dq);
+      }
+      LaneScatter(s, t, sc.lanes, it);  // all G heads' contributions, one pass over the keys
+    }
+  });
+}
+
+}  // namespace jnat::cpu
+
+#endif  // JNAT_CPU_AVX512
