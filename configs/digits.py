@@ -8,7 +8,7 @@ ImageNet regularisation is scaled down for 1.4k training images. A few minutes o
 cores; reaches about 96-97% top-1 on the held-out test split.
 
   python train.py --config configs/digits.py
-  python train.py --config configs/digits.py --config.num_epochs=10 --workdir /tmp/digits
+  python train.py --config configs/digits.py --config.num_epochs=10 --workdir runs/digits
 """
 
 from configs import common

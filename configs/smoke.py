@@ -1,6 +1,6 @@
 """A seconds-long smoke run: a two-level NAT on 16x16 digits (tests and quick checks).
 
-  python train.py --config configs/smoke.py --workdir /tmp/smoke
+  python train.py --config configs/smoke.py --workdir runs/smoke
 """
 
 from configs import digits

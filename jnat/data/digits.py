@@ -8,7 +8,7 @@ seed) is held out: no training example comes from it.
 Example:
   >>> import tensorflow_datasets as tfds
   >>> from jnat.data import digits  # registers the builder
-  >>> builder = tfds.builder("sklearn_digits", data_dir="/tmp/tfds")
+  >>> builder = tfds.builder("sklearn_digits", data_dir="tfds_data")
   >>> builder.download_and_prepare()  # seconds; nothing is downloaded
 """
 
