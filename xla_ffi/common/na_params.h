@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "common/na_geometry.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jnat {
@@ -27,24 +28,12 @@ using Attr3 = ffi::Span<const int64_t>;
 // Element types the kernels read and write; the values are what the kernels switch on.
 enum class Dtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-struct NaParams {
-  int64_t batch = 0, heads = 0, kv_heads = 1, dim = 0;
-  int64_t length[3] = {1, 1, 1};
-  int64_t kernel[3] = {1, 1, 1};
-  int64_t stride[3] = {1, 1, 1};
-  int64_t dilation[3] = {1, 1, 1};
-  bool causal[3] = {false, false, false};
+struct NaParams : NaGeometry {
   bool has_rpb = false;
   float scale = 1.0f;
   Dtype dtype = Dtype::kF32;  // q, k, v, dout, out, dq, dk, dv (v's for the av ops)
   Dtype attn_dtype = Dtype::kF32;   // attn / dattn inputs of the unfused ops
   Dtype dattn_dtype = Dtype::kF32;  // the dattn output of jnat_na_av_bwd
-
-  int64_t tokens() const { return length[0] * length[1] * length[2]; }
-  int64_t window() const { return kernel[0] * kernel[1] * kernel[2]; }
-  int64_t rpb_extent(int a) const { return 2 * kernel[a] - 1; }
-  int64_t rpb_size() const { return rpb_extent(0) * rpb_extent(1) * rpb_extent(2); }
-  int64_t group() const { return heads / kv_heads; }
 };
 
 // The four per-axis attributes every handler takes.

@@ -16,23 +16,6 @@
 namespace jnat::cpu {
 namespace {
 
-// The kernels' view of the decoded sizes and window.
-NaShape MakeShape(const NaParams& p) {
-  NaShape s;
-  s.batch = p.batch;
-  s.heads = p.heads;
-  s.kv_heads = p.kv_heads;
-  s.dim = p.dim;
-  for (int a = 0; a < 3; ++a) {
-    s.length[a] = p.length[a];
-    s.kernel[a] = p.kernel[a];
-    s.stride[a] = p.stride[a];
-    s.dilation[a] = p.dilation[a];
-    s.causal[a] = p.causal[a];
-  }
-  return s;
-}
-
 const float* RpbOrNull(const NaParams& p, const ffi::AnyBuffer& rpb) {
   return p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
 }
@@ -52,7 +35,7 @@ ffi::Error NaFwdDispatch(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, f
                                 {kernel_size, stride, dilation, is_causal}, scale, &p));
   F32In qf(q), kf(k), vf(v);
   F32Out of(*out);
-  NaFusedForward(MakeShape(p), qf.get(), kf.get(), vf.get(), RpbOrNull(p, rpb), p.scale,
+  NaFusedForward(p, qf.get(), kf.get(), vf.get(), RpbOrNull(p, rpb), p.scale,
                  of.get(), static_cast<float*>(lse->untyped_data()));
   of.Commit();
   return ffi::Error::Success();
@@ -69,7 +52,7 @@ ffi::Error NaBwdDispatch(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, f
                                 {kernel_size, stride, dilation, is_causal}, scale, &p));
   F32In qf(q), kf(k), vf(v), dof(dout);
   F32Out dqf(*dq), dkf(*dk), dvf(*dv);
-  NaFusedBackward(MakeShape(p), qf.get(), kf.get(), vf.get(), RpbOrNull(p, rpb), dof.get(),
+  NaFusedBackward(p, qf.get(), kf.get(), vf.get(), RpbOrNull(p, rpb), dof.get(),
                   static_cast<const float*>(lse.untyped_data()),
                   static_cast<const float*>(delta.untyped_data()), p.scale, dqf.get(), dkf.get(),
                   dvf.get(), DrpbOrNull(p, *drpb));
@@ -87,7 +70,7 @@ ffi::Error NaQKDispatch(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer rpb,
       DecodeNaQK(q, k, rpb, *attn, {kernel_size, stride, dilation, is_causal}, &p));
   F32In qf(q), kf(k);
   F32Out af(*attn);
-  NaQK(MakeShape(p), qf.get(), kf.get(), RpbOrNull(p, rpb), af.get());
+  NaQK(p, qf.get(), kf.get(), RpbOrNull(p, rpb), af.get());
   af.Commit();
   return ffi::Error::Success();
 }
@@ -101,7 +84,7 @@ ffi::Error NaQKBwdDispatch(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer rp
                                   {kernel_size, stride, dilation, is_causal}, &p));
   F32In qf(q), kf(k), daf(dattn);
   F32Out dqf(*dq), dkf(*dk);
-  NaQKBackward(MakeShape(p), qf.get(), kf.get(), daf.get(), dqf.get(), dkf.get(),
+  NaQKBackward(p, qf.get(), kf.get(), daf.get(), dqf.get(), dkf.get(),
                DrpbOrNull(p, *drpb));
   dqf.Commit();
   dkf.Commit();
@@ -114,7 +97,7 @@ ffi::Error NaAVDispatch(ffi::AnyBuffer attn, ffi::AnyBuffer v, ffi::Result<ffi::
   JNAT_PARAMS_CHECK(DecodeNaAV(attn, v, *out, {kernel_size, stride, dilation, is_causal}, &p));
   F32In af(attn), vf(v);
   F32Out of(*out);
-  NaAV(MakeShape(p), af.get(), vf.get(), of.get());
+  NaAV(p, af.get(), vf.get(), of.get());
   of.Commit();
   return ffi::Error::Success();
 }
@@ -127,7 +110,7 @@ ffi::Error NaAVBwdDispatch(ffi::AnyBuffer attn, ffi::AnyBuffer v, ffi::AnyBuffer
                                   {kernel_size, stride, dilation, is_causal}, &p));
   F32In af(attn), vf(v), dof(dout);
   F32Out daf(*dattn), dvf(*dv);
-  NaAVBackward(MakeShape(p), af.get(), vf.get(), dof.get(), daf.get(), dvf.get());
+  NaAVBackward(p, af.get(), vf.get(), dof.get(), daf.get(), dvf.get());
   daf.Commit();
   dvf.Commit();
   return ffi::Error::Success();

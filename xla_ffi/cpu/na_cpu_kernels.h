@@ -31,7 +31,7 @@ namespace jnat::cpu {
 
 // The valid slots of one query token's window: key token, window slot, rpb offset (within a
 // head). Returns how many there are (at least 1 for a valid shape).
-inline int64_t BuildWindow(const NaShape& s, int64_t token, int64_t* key, int64_t* slot,
+inline int64_t BuildWindow(const NaGeometry& s, int64_t token, int64_t* key, int64_t* slot,
                            int64_t* bias) {
   const int64_t i2 = token % s.length[2];
   const int64_t i1 = (token / s.length[2]) % s.length[1];
@@ -68,7 +68,7 @@ struct QueryScratch {
   std::vector<float*> acc_rows;
   std::vector<float> s0, s1, s2, xd, yd, zeros;
 
-  explicit QueryScratch(const NaShape& s) {
+  explicit QueryScratch(const NaGeometry& s) {
     const size_t kk = static_cast<size_t>(s.window()) + 16;
     const size_t d = static_cast<size_t>(s.dim) + 32;
     key.resize(kk);
@@ -90,7 +90,7 @@ struct QueryScratch {
 // Forward kernels: one task per (batch, query token), all heads of that token.
 
 template <typename PerQuery>
-void ForEachQuery(const NaShape& s, PerQuery&& per_query) {
+void ForEachQuery(const NaGeometry& s, PerQuery&& per_query) {
   const int64_t total = s.batch * s.tokens();
 #pragma omp parallel if (WorthThreads(s))
   {
@@ -105,7 +105,7 @@ void ForEachQuery(const NaShape& s, PerQuery&& per_query) {
 }
 
 // Row pointers of the window's keys for kv head hk of batch b.
-inline void WindowRows(const NaShape& s, const float* base, int64_t b, int64_t hk, int64_t nv,
+inline void WindowRows(const NaGeometry& s, const float* base, int64_t b, int64_t hk, int64_t nv,
                        const int64_t* key, const float** rows) {
   const int64_t row = s.kv_heads * s.dim;
   const float* head_base = base + b * s.tokens() * row + hk * s.dim;
@@ -113,7 +113,7 @@ inline void WindowRows(const NaShape& s, const float* base, int64_t b, int64_t h
 }
 
 // Fused forward: out = softmax(scale * q.k + rpb) v over the window; lse its log-normaliser.
-inline void PortableFusedForward(const NaShape& s, const float* q, const float* k,
+inline void PortableFusedForward(const NaGeometry& s, const float* q, const float* k,
                                  const float* v, const float* rpb, float scale, float* out,
                                  float* lse) {
   const int64_t D = s.dim, RR = s.rpb_size();
@@ -138,7 +138,7 @@ inline void PortableFusedForward(const NaShape& s, const float* q, const float* 
 }
 
 // attn[.., h, slot] = q.k_slot + rpb (no scale); -inf at masked slots.
-inline void NaQK(const NaShape& s, const float* q, const float* k, const float* rpb, float* attn) {
+inline void NaQK(const NaGeometry& s, const float* q, const float* k, const float* rpb, float* attn) {
   const int64_t D = s.dim, KK = s.window(), RR = s.rpb_size();
   ForEachQuery(s, [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk, int64_t nv) {
     const int64_t qi = bt * s.heads + h;
@@ -153,7 +153,7 @@ inline void NaQK(const NaShape& s, const float* q, const float* k, const float* 
 }
 
 // out = sum over valid slots of attn[slot] * v_slot.
-inline void NaAV(const NaShape& s, const float* attn, const float* v, float* out) {
+inline void NaAV(const NaGeometry& s, const float* attn, const float* v, float* out) {
   const int64_t D = s.dim, KK = s.window();
   ForEachQuery(s, [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk, int64_t nv) {
     const int64_t qi = bt * s.heads + h;
@@ -185,7 +185,7 @@ struct QueryGrad {
 inline constexpr int64_t kTile = 8;
 
 // Tiles of one spatial row: (dilation group, first group index) along the last axis.
-inline std::vector<std::pair<int64_t, int64_t>> RowTiles(const NaShape& s, int64_t tile) {
+inline std::vector<std::pair<int64_t, int64_t>> RowTiles(const NaGeometry& s, int64_t tile) {
   std::vector<std::pair<int64_t, int64_t>> tiles;
   for (int64_t g = 0; g < s.dilation[2]; ++g) {
     const int64_t lg = GroupLength(s.length[2], s.dilation[2], g);
@@ -202,7 +202,7 @@ struct TileScratch {
   std::vector<const float*> xa, xb, terms, termsb;
   std::vector<int64_t> start, end, count;
 
-  TileScratch(const NaShape& s, int64_t tile, bool two)
+  TileScratch(const NaGeometry& s, int64_t tile, bool two)
       : query(s), kkp(s.window() + 16), wa(tile * s.group() * kkp), wb(two ? wa.size() : 0),
         tw(tile * s.group()), twb(tw.size()), xa(tw.size()), xb(tw.size()), terms(tw.size()),
         termsb(tw.size()), start(tile), end(tile), count(tile) {}
@@ -212,7 +212,7 @@ struct TileScratch {
 // BuildWindow) and sums the contributions into acc_a / acc_b ([B, tokens, Hkv, D], overwritten;
 // acc_b may be nullptr) and the rpb gradient into drpb ([H, RR], overwritten; nullptr: none).
 template <typename PerQuery>
-void ScatterOverQueries(const NaShape& s, float* acc_a, float* acc_b, float* drpb,
+void ScatterOverQueries(const NaGeometry& s, float* acc_a, float* acc_b, float* drpb,
                         PerQuery&& per_query) {
   const int64_t N = s.tokens(), D = s.dim, G = s.group(), RR = s.rpb_size(), KK = s.window();
   const int64_t L1 = s.length[1], L2 = s.length[2], dil2 = s.dilation[2];
@@ -289,7 +289,7 @@ void ScatterOverQueries(const NaShape& s, float* acc_a, float* acc_b, float* drp
 }
 
 // Fused backward from the saved lse and delta = rowsum(dout * out) (minus the lse cotangent).
-inline void PortableFusedBackward(const NaShape& s, const float* q, const float* k,
+inline void PortableFusedBackward(const NaGeometry& s, const float* q, const float* k,
                                   const float* v, const float* rpb, const float* dout,
                                   const float* lse, const float* delta, float scale, float* dq,
                                   float* dk, float* dv, float* drpb) {
@@ -332,7 +332,7 @@ inline void PortableFusedBackward(const NaShape& s, const float* q, const float*
 }
 
 // Backward of NaQK: dq = sum dattn k, dk += dattn q, drpb += dattn (valid slots only).
-inline void NaQKBackward(const NaShape& s, const float* q, const float* k, const float* dattn,
+inline void NaQKBackward(const NaGeometry& s, const float* q, const float* k, const float* dattn,
                          float* dq, float* dk, float* drpb) {
   const int64_t D = s.dim, KK = s.window();
   ScatterOverQueries(s, dk, nullptr, drpb,
@@ -352,7 +352,7 @@ inline void NaQKBackward(const NaShape& s, const float* q, const float* k, const
 }
 
 // Backward of NaAV: dattn[slot] = dout.v_slot (0 at masked slots), dv += attn[slot] dout.
-inline void NaAVBackward(const NaShape& s, const float* attn, const float* v, const float* dout,
+inline void NaAVBackward(const NaGeometry& s, const float* attn, const float* v, const float* dout,
                          float* dattn, float* dv) {
   const int64_t D = s.dim, KK = s.window();
   ScatterOverQueries(s, dv, nullptr, nullptr,
@@ -375,7 +375,7 @@ inline void NaAVBackward(const NaShape& s, const float* attn, const float* v, co
 // ---------------------------------------------------------------------------------------------
 // The fused ops: the lane kernels where the compiler targets AVX-512.
 
-inline void NaFusedForward(const NaShape& s, const float* q, const float* k, const float* v,
+inline void NaFusedForward(const NaGeometry& s, const float* q, const float* k, const float* v,
                            const float* rpb, float scale, float* out, float* lse) {
 #if defined(JNAT_CPU_AVX512)
   LaneFusedForward(s, q, k, v, rpb, scale, out, lse);
@@ -384,7 +384,7 @@ inline void NaFusedForward(const NaShape& s, const float* q, const float* k, con
 #endif
 }
 
-inline void NaFusedBackward(const NaShape& s, const float* q, const float* k, const float* v,
+inline void NaFusedBackward(const NaGeometry& s, const float* q, const float* k, const float* v,
                             const float* rpb, const float* dout, const float* lse,
                             const float* delta, float scale, float* dq, float* dk, float* dv,
                             float* drpb) {

@@ -50,7 +50,7 @@ struct LaneTile {
   bool same_rpb = false;  // every valid lane has the same rpb0: one bias per slot for all lanes
 };
 
-inline std::vector<LaneTile> LaneTilesOfRow(const NaShape& s) {
+inline std::vector<LaneTile> LaneTilesOfRow(const NaGeometry& s) {
   const int64_t L = s.length[2], K = s.kernel[2], S = s.stride[2], dil = s.dilation[2];
   const bool causal = s.causal[2];
   std::vector<LaneTile> tiles;
@@ -99,7 +99,7 @@ struct ColumnLayout {
   int64_t width = 0;
 
   // Marks the tiles that come out aligned.
-  ColumnLayout(const NaShape& s, std::vector<LaneTile>& tiles) : offset(s.dilation[2] + 1, 0) {
+  ColumnLayout(const NaGeometry& s, std::vector<LaneTile>& tiles) : offset(s.dilation[2] + 1, 0) {
     int64_t end = 0;
     for (int64_t g = 0; g < s.dilation[2]; ++g) {
       int64_t start0 = 0;  // window start of the group's first shifted tile
@@ -122,7 +122,7 @@ struct ColumnLayout {
   }
 
   // Floats after the last row that such loads may reach.
-  static int64_t slack(const NaShape& s) { return s.kernel[2] + 64; }
+  static int64_t slack(const NaGeometry& s) { return s.kernel[2] + 64; }
 };
 
 // k or v of one (batch, kv head) transposed per spatial row: a [D][width] matrix per row,
@@ -133,7 +133,7 @@ struct ColumnLayout {
 class PlaneTransposed {
  public:
   // buffer: the CallScratch slot to use.
-  PlaneTransposed(const NaShape& s, const ColumnLayout& layout, int buffer)
+  PlaneTransposed(const NaGeometry& s, const ColumnLayout& layout, int buffer)
       : s_(s), rows_(s.length[0] * s.length[1]), width_(layout.width), offset_(layout.offset),
         storage_(buffer, static_cast<size_t>(rows_ * s.dim * width_ + ColumnLayout::slack(s))),
         data_(storage_.data()) {
@@ -175,7 +175,7 @@ class PlaneTransposed {
   int64_t offset(int64_t group) const { return offset_[group]; }
 
  private:
-  const NaShape& s_;
+  const NaGeometry& s_;
   int64_t rows_, width_;
   std::vector<int64_t> offset_;
   CallScratch storage_;
@@ -184,7 +184,7 @@ class PlaneTransposed {
 
 // The key rows that the windows of spatial row (x0, x1) cover: spatial row index and rpb
 // offset (within a head, without the last axis' part) of each.
-inline int64_t KeyRowsOf(const NaShape& s, int64_t row, int64_t* key_row, int64_t* bias_row) {
+inline int64_t KeyRowsOf(const NaGeometry& s, int64_t row, int64_t* key_row, int64_t* bias_row) {
   const int64_t x0 = row / s.length[1], x1 = row % s.length[1];
   const AxisWindow w0 =
       QueryWindow(x0, s.length[0], s.kernel[0], s.stride[0], s.dilation[0], s.causal[0]);
@@ -210,11 +210,11 @@ struct LaneTask {
   const int64_t* bias_row = nullptr;
 
   // Token index (within the batch) of lane j's query.
-  int64_t token(const NaShape& s, int64_t j) const {
+  int64_t token(const NaGeometry& s, int64_t j) const {
     return row * s.length[2] + tile->group + (tile->first + j) * s.dilation[2];
   }
   // Lane j's query row of a [B, tokens, H, D] tensor (nullptr for padding lanes).
-  const float* query_row(const NaShape& s, const float* x, int64_t j) const {
+  const float* query_row(const NaGeometry& s, const float* x, int64_t j) const {
     return j < tile->lanes ? x + ((b * s.tokens() + token(s, j)) * s.heads + h) * s.dim : nullptr;
   }
   // Key row r's slot-0 column of lane 0, in a transposed kv plane of (b, hk).
@@ -222,7 +222,7 @@ struct LaneTask {
     return t.Row(key_row[r]) + t.offset(tile->group) + tile->start0;
   }
   // Key row r's token at group column c, in a [B, tokens, Hkv, D] tensor: its index.
-  int64_t key_token(const NaShape& s, int64_t r, int64_t c) const {
+  int64_t key_token(const NaGeometry& s, int64_t r, int64_t c) const {
     return key_row[r] * s.length[2] + tile->group + c * s.dilation[2];
   }
 };
@@ -242,7 +242,7 @@ struct LaneScratch {
   float* s2;  // [slots][16] temporary
   float* stat;  // [4][16] per-lane statistics
 
-  LaneScratch(const NaShape& s, int64_t heads)
+  LaneScratch(const NaGeometry& s, int64_t heads)
       : slots(s.window()), key_row(s.kernel[0] * s.kernel[1]), bias_row(key_row.size()),
         rows(key_row.size()), xt(s.dim * kLanes), yt(s.dim * kLanes),
         buf((2 * heads + 1) * slots * kLanes + 4 * kLanes), q_rows(heads * kLanes * s.dim),
@@ -256,7 +256,7 @@ struct LaneScratch {
 
 // Adds this head's rpb to the logits of every slot and sets masked slots to -inf; returns
 // the lanes' maxima. logit: [n_rows * K2][16].
-inline __m512 FinishLogits(const NaShape& s, const LaneTask& t, const float* rpb_h, float* logit) {
+inline __m512 FinishLogits(const NaGeometry& s, const LaneTask& t, const float* rpb_h, float* logit) {
   const LaneTile& tile = *t.tile;
   const int64_t K2 = s.kernel[2];
   const __m512i rpb0 = _mm512_load_si512(tile.rpb0);
@@ -289,7 +289,7 @@ inline __m512 FinishLogits(const NaShape& s, const LaneTask& t, const float* rpb
 // Forward.
 
 // One tile of one head: out and lse of its queries.
-inline void LaneForwardTile(const NaShape& s, const LaneTask& t, const PlaneTransposed& kt,
+inline void LaneForwardTile(const NaGeometry& s, const LaneTask& t, const PlaneTransposed& kt,
                             const PlaneTransposed& vt, const float* q, const float* rpb,
                             float scale, LaneScratch& sc, float* out, float* lse) {
   const LaneTile& tile = *t.tile;
@@ -327,7 +327,7 @@ inline void LaneForwardTile(const NaShape& s, const LaneTask& t, const PlaneTran
   }
 }
 
-inline void LaneFusedForward(const NaShape& s, const float* q, const float* k, const float* v,
+inline void LaneFusedForward(const NaGeometry& s, const float* q, const float* k, const float* v,
                              const float* rpb, float scale, float* out, float* lse) {
   std::vector<LaneTile> tiles = LaneTilesOfRow(s);
   const ColumnLayout layout(s, tiles);
@@ -384,7 +384,7 @@ inline void LaneFusedForward(const NaShape& s, const float* q, const float* k, c
 // Backward.
 
 // Lane vector of a per-(token, head) statistic [B, tokens, H] for the tile's queries.
-inline __m512 LaneStat(const NaShape& s, const LaneTask& t, const float* x, float* tmp) {
+inline __m512 LaneStat(const NaGeometry& s, const LaneTask& t, const float* x, float* tmp) {
   const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
   const int64_t step = s.dilation[2] * s.heads;
   for (int64_t j = 0; j < kLanes; ++j) tmp[j] = j < t.tile->lanes ? x[q0 + j * step] : 0.0f;
@@ -393,7 +393,7 @@ inline __m512 LaneStat(const NaShape& s, const LaneTask& t, const float* x, floa
 
 // One head of one tile: probabilities p (into sc.s0 + g * slots * 16) and scale * ds (into
 // sc.s1 + ...), the rpb gradient of the head (rpb_grad, or nullptr), and dq of its queries.
-inline void LaneBackwardHead(const NaShape& s, const LaneTask& t, const PlaneTransposed& kt,
+inline void LaneBackwardHead(const NaGeometry& s, const LaneTask& t, const PlaneTransposed& kt,
                              const PlaneTransposed& vt, const float* q, const float* rpb,
                              const float* dout, const float* lse, const float* delta,
                              float scale, int64_t g, LaneScratch& sc, float* rpb_grad,
@@ -453,7 +453,7 @@ inline void LaneBackwardHead(const NaShape& s, const LaneTask& t, const PlaneTra
 // its lane matrices wa / wb. Columns d0 .. d0 + 16 * NC of the rows (the last vector masked
 // to D).
 template <int NC>
-inline void LaneScatterRows(const NaShape& s, const LaneTask& t, const float* wa,
+inline void LaneScatterRows(const NaGeometry& s, const LaneTask& t, const float* wa,
                             const float* wb, const float* xa, const float* xb,
                             const ScatterItem& it, int64_t d0) {
   const LaneTile& tile = *t.tile;
@@ -499,7 +499,7 @@ inline void LaneScatterRows(const NaShape& s, const LaneTask& t, const float* wa
 }
 
 // dk += scale * ds q and dv += p dout over the tile's windows.
-inline void LaneScatter(const NaShape& s, const LaneTask& t, const LaneScratch& sc,
+inline void LaneScatter(const NaGeometry& s, const LaneTask& t, const LaneScratch& sc,
                         const ScatterItem& it) {
   const float* q = sc.q_rows.data();
   const float* dout = sc.dout_rows.data();
@@ -514,7 +514,7 @@ inline void LaneScatter(const NaShape& s, const LaneTask& t, const LaneScratch& 
   }
 }
 
-inline void LaneFusedBackward(const NaShape& s, const float* q, const float* k, const float* v,
+inline void LaneFusedBackward(const NaGeometry& s, const float* q, const float* k, const float* v,
                               const float* rpb, const float* dout, const float* lse,
                               const float* delta, float scale, float* dq, float* dk, float* dv,
                               float* drpb) {

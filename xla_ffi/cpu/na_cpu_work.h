@@ -12,25 +12,13 @@
 #include <memory>
 #include <vector>
 
+#include "common/na_geometry.h"
+
 namespace jnat::cpu {
 
-struct NaShape {
-  int64_t batch = 0, heads = 0, kv_heads = 1, dim = 0;
-  int64_t length[3] = {1, 1, 1};
-  int64_t kernel[3] = {1, 1, 1};
-  int64_t stride[3] = {1, 1, 1};
-  int64_t dilation[3] = {1, 1, 1};
-  bool causal[3] = {false, false, false};
-
-  int64_t tokens() const { return length[0] * length[1] * length[2]; }
-  int64_t window() const { return kernel[0] * kernel[1] * kernel[2]; }
-  int64_t rpb_extent(int a) const { return 2 * kernel[a] - 1; }
-  int64_t rpb_size() const { return rpb_extent(0) * rpb_extent(1) * rpb_extent(2); }
-  int64_t group() const { return heads / kv_heads; }
-};
 
 // Parallel regions only pay off above this many multiply-adds.
-inline bool WorthThreads(const NaShape& s) {
+inline bool WorthThreads(const NaGeometry& s) {
   return static_cast<double>(s.batch) * s.tokens() * s.heads * s.window() * (s.dim + 1) > 3.0e4;
 }
 
@@ -99,7 +87,7 @@ struct ScatterItem {
 // acc_b ([B, tokens, Hkv, D], overwritten; acc_b may be nullptr) and drpb ([H, RR],
 // overwritten; nullptr: none).
 template <typename MakeScratch, typename Body>
-void ForEachScatterItem(const NaShape& s, int64_t n_tiles, float* acc_a, float* acc_b,
+void ForEachScatterItem(const NaGeometry& s, int64_t n_tiles, float* acc_a, float* acc_b,
                         float* drpb, MakeScratch&& make_scratch, Body&& body) {
   const int64_t N = s.tokens(), D = s.dim, G = s.group(), RR = s.rpb_size();
   const int64_t units = s.batch * s.kv_heads;
