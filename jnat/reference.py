@@ -143,7 +143,7 @@ def _chunked(fn, nbhd: Neighborhood, per_query, shared, elements_per_row):
 
 
 def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None):
-  """Fused neighborhood attention: returns ``(out, lse)`` (lse float32, natural log)."""
+  """Fused neighborhood attention: ``(out, lse)``, lse in natural log and float32 (float64 inputs: float64)."""
   b, *spatial, heads, dim = query.shape
 
   def attend(tables, q, key, value, rpb):
