@@ -143,7 +143,7 @@ def _chunked(fn, nbhd: Neighborhood, per_query, shared, elements_per_row):
 
 
 def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None):
-  """Fused neighborhood attention: ``(out, lse)``, lse in natural log and float32 (float64 inputs: float64)."""
+  """Fused neighborhood attention: ``(out, lse)``; natural-log lse in the accumulation dtype."""
   b, *spatial, heads, dim = query.shape
 
   def attend(tables, q, key, value, rpb):
