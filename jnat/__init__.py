@@ -4,7 +4,9 @@ NATTEN-exact 1D/2D/3D neighborhood attention with a pure-JAX reference backend a
 kernels registered as XLA FFI custom calls.
 """
 
-from jnat.nn import NeighborhoodAttention
+import importlib
+import importlib.metadata
+
 from jnat.ops import available_backends
 from jnat.ops import na1d
 from jnat.ops import na1d_av
@@ -16,7 +18,17 @@ from jnat.ops import na3d
 from jnat.ops import na3d_av
 from jnat.ops import na3d_qk
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("jnat")
+
+# Imported on first use, so that `import jnat` for the ops alone does not load Flax.
+_LAZY = {"NeighborhoodAttention": "jnat.nn"}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'jnat' has no attribute {name!r}")
+
 
 __all__ = [
     "NeighborhoodAttention",

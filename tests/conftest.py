@@ -1,14 +1,17 @@
+"""GPU-marked tests skip without a CUDA GPU, unless JNAT_REQUIRE_GPU=1 (set by .ci/gpu-run):
+there, a gpu-marked test or any test of test_cuda.py that would skip, for any reason, fails
+instead, so a GPU run cannot pass by checking nothing."""
+
+import functools
+import os
+
 import pytest
 
-
-def pytest_collection_modifyitems(config, items):
-  for item in items:
-    if "gpu" in item.keywords:
-      item.add_marker(pytest.mark.skipif(
-          not _has_gpu(), reason="needs a CUDA GPU and the jnat CUDA module"))
+REQUIRE_GPU = os.environ.get("JNAT_REQUIRE_GPU") == "1"
 
 
-def _has_gpu():
+@functools.cache
+def has_gpu() -> bool:
   import jax
   import jnat
   try:
@@ -18,4 +21,22 @@ def _has_gpu():
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+  config.addinivalue_line("markers", "gpu: needs a CUDA GPU and the jnat CUDA module")
+
+
+def pytest_runtest_setup(item):
+  if "gpu" in item.keywords and not has_gpu():
+    message = "needs a CUDA GPU and the jnat CUDA module"
+    if REQUIRE_GPU:
+      pytest.fail(f"JNAT_REQUIRE_GPU=1: {message}, and this machine has none")
+    pytest.skip(message)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  report = outcome.get_result()
+  needs_gpu = "gpu" in item.keywords or item.path.name == "test_cuda.py"
+  if REQUIRE_GPU and report.skipped and needs_gpu:
+    report.outcome = "failed"
+    report.longrepr = f"JNAT_REQUIRE_GPU=1 but the test skipped: {report.longrepr}"

@@ -1,0 +1,108 @@
+"""A dry run of .ci/gpu-run: every command it would run on a GPU machine is well-formed here.
+
+GPU time is scarce, so a typo in that script (an unknown flag, a missing file) must fail CI
+on a CPU machine, not a GPU run.
+"""
+
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from jnat import bench
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / ".ci" / "gpu-run"
+STAGES = ["build", "import", "gputests", "suite", "sanitize", "bench", "train", "torchtrain"]
+
+
+def _dry_run(*stages):
+  out = subprocess.run(["bash", str(SCRIPT), "--dry-run", *stages], capture_output=True,
+                       text=True, check=True, env={**os.environ, "OUT": "/results"}).stdout
+  commands = {}
+  for line in out.splitlines():
+    assert line.startswith("+ ["), line
+    stage, command = line[3:].split("] ", 1)
+    commands[stage] = shlex.split(command.replace("-m not gpu", "-m 'not gpu'"))
+  return commands
+
+
+@pytest.fixture(scope="module")
+def commands():
+  return _dry_run()
+
+
+def _after(argv, marker):
+  return argv[argv.index(marker) + 1:]
+
+
+def test_script_parses_and_lists_every_stage(commands):
+  subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+  assert list(commands) == STAGES
+  assert list(_dry_run("bench", "sanitize")) == ["bench", "sanitize"]
+
+
+def test_results_stay_a_handful_of_files(commands):
+  outputs = [a for argv in commands.values() for a in argv if a.startswith("/results")]
+  assert outputs == ["/results/bench.json", "/results/torchtrain.json"]
+  assert "/results" not in SCRIPT.read_text().split("--target", 1)[1].split("\n", 1)[0]
+
+
+def test_bench_command_parses(commands, monkeypatch):
+  seen = {}
+
+  class Parsed(Exception):
+    pass
+
+  def fake_run(suite, repeats):
+    seen.update(suite=suite, repeats=repeats)
+    raise Parsed
+
+  monkeypatch.setattr(bench, "run", fake_run)
+  with pytest.raises(Parsed):
+    bench.main(_after(commands["bench"], "jnat.bench"))
+  assert seen["suite"] == "gpu"
+
+
+def test_pytest_commands_name_existing_tests(commands):
+  for stage in ("gputests", "suite"):
+    args = _after(commands[stage], "pytest")
+    paths = [a for a in args if a.startswith("tests")]
+    assert paths and all((ROOT / p).exists() for p in paths), args
+
+
+def test_train_command_parses():
+  args = _after(_dry_run("train")["train"], "train.py")
+  code = ("import sys, train; from absl import flags; flags.FLAGS(sys.argv); "
+          "c = train._CONFIG.value; print(flags.FLAGS.bench, c.global_batch_size, c.compute_dtype)")
+  out = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
+                       text=True, check=True).stdout
+  assert out.split() == ["True", "128", "bfloat16"]
+
+
+def test_torchtrain_command_names_known_flags():
+  argv = _dry_run("torchtrain")["torchtrain"]
+  script = ROOT / argv[1]
+  help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                             text=True, check=True).stdout
+  for flag in (a for a in argv[2:] if a.startswith("--")):
+    assert flag in help_text, flag
+
+
+def test_require_gpu_turns_skips_into_failures(tmp_path):
+  import conftest
+  if conftest.has_gpu():
+    pytest.skip("this machine has a GPU: gpu tests run for real")
+  (tmp_path / "test_needs_gpu.py").write_text(
+      "import pytest\n\n@pytest.mark.gpu\ndef test_on_gpu():\n  pass\n")
+  run = lambda require: subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+       str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+      env={**os.environ, "PYTHONPATH": str(ROOT / "tests"), "JNAT_REQUIRE_GPU": require})
+  skipped = run("0")
+  assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout
+  required = run("1")
+  assert required.returncode == 1 and "JNAT_REQUIRE_GPU=1" in required.stdout, required.stdout
