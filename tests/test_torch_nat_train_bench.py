@@ -16,6 +16,9 @@ import torch_nat  # noqa: E402  (needs torch)
 import torch_nat_train_bench as tnb  # noqa: E402
 
 needs_flex = pytest.mark.skipif(tnb.flex is None, reason="this torch has no flex_attention")
+# Eager flex_attention (the unfused path, and NATTEN's CPU path through it) is intended here.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:flex_attention called without torch.compile", "ignore:return_lse is deprecated")
 
 # (shape, kernel_size, stride, dilation, is_causal): every axis rule (borders, dilation
 # groups of unequal length, stride blocks, causal) in 1D, 2D and 3D.
@@ -90,3 +93,15 @@ def test_bench_trains_on_cpu(tmp_path, capsys):
 def test_bench_rejects_bad_arguments(extra, match):
   with pytest.raises(ValueError, match=match):
     tnb.main(TINY_RUN + ["--device", "cpu"] + extra)
+
+
+@needs_flex
+def test_auto_passes_over_an_attention_that_fails_its_device_check(monkeypatch):
+  # On CPU, flex_attention's missing backward makes the flex check raise.
+  monkeypatch.setattr(tnb, "available_attentions", lambda device: ["flex", "gather"])
+  device = torch.device("cpu")
+  attention, check, passed_over = tnb.choose_attention("auto", device, "none", True)
+  assert (attention, check) == ("gather", None)
+  assert "backward on CPU" in passed_over["flex"]
+  with pytest.raises(NotImplementedError, match="backward on CPU"):
+    tnb.choose_attention("flex", device, "none", True)

@@ -48,6 +48,12 @@ try:
 except ImportError:
   natten = None
 
+def log(message):
+  """Progress on stderr, so that a run cut off by a time limit shows how far it got."""
+  print(f"[{time.perf_counter() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+_START = time.perf_counter()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_MODES = ("blocks", "attention", "none")
 
@@ -266,23 +272,43 @@ def check_attention(attend, device, seed=0):
   return {name: float((a - b).abs().max()) for name, a, b in zip(names, *results)}
 
 
+def choose_attention(requested, device, compile_mode, run_check):
+  """``(attention, its device check or None, {attention passed over: why})``.
+
+  With ``auto``, an attention whose device check raises (a torch or GPU without some
+  feature it needs) gives way to the next one, and the reason is reported; a named
+  attention that fails raises.
+  """
+  usable = available_attentions(device)
+  if requested != "auto" and requested not in usable:
+    raise ValueError(f"attention={requested!r} cannot train on {device.type} here: "
+                     f"this torch {torch.__version__} offers {usable}")
+  passed_over = {}
+  for name in usable if requested == "auto" else [requested]:
+    if not run_check or name == "gather":
+      return name, None, passed_over
+    # Compiled as the model will run it, so the check covers the kernels that are timed.
+    attend = attention_fn(name, "none" if compile_mode == "none" else "attention")
+    try:
+      check = check_attention(attend, device)
+      log(f"{name} attention checked against the gather reference: {check}")
+      return name, check, passed_over
+    except Exception as e:  # pylint: disable=broad-except  (reported, next attention tried)
+      if requested != "auto":
+        raise
+      passed_over[name] = f"{type(e).__name__}: {e}"[:500]
+      log(f"{name} attention passed over: {passed_over[name]}")
+  raise AssertionError("unreachable: gather, last in line, is never checked")
+
+
 def bench(args):
   device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-  usable = available_attentions(device)
-  attention = usable[0] if args.attention == "auto" else args.attention
-  if attention not in usable:
-    raise ValueError(f"attention={attention!r} cannot train on {device.type} here: "
-                     f"this torch {torch.__version__} offers {usable}")
   compile_mode = args.compile or ("blocks" if device.type == "cuda" else "none")
+  attention, check, passed_over = choose_attention(args.attention, device, compile_mode,
+                                                   args.check)
   dtype = DTYPES[args.dtype]
   torch.manual_seed(0)
   net = build_model(args.model, attention, compile_mode).to(device)
-
-  check = None
-  if args.check and attention != "gather":
-    # Compiled as the model will run it, so the check covers the kernels that are timed.
-    check = check_attention(attention_fn(attention, "none" if compile_mode == "none"
-                                         else "attention"), device)
 
   images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
   labels = torch.randint(0, 1000, (args.batch,), device=device)
@@ -316,6 +342,8 @@ def bench(args):
     losses.append(step().detach())
     sync()
     times.append(time.perf_counter() - t0)
+    if len(times) <= args.warmup:
+      log(f"warm-up step {len(times)}: {times[-1]:.2f} s")
   timed = np.array(times[args.warmup:])
   result = {
       "framework": f"torch {torch.__version__}",
@@ -335,6 +363,7 @@ def bench(args):
       "loss_first": float(losses[0]),
       "loss_last": float(losses[-1]),
       "attention_check_max_abs_err": check,
+      "attentions_passed_over": passed_over,
   }
   if device.type == "cuda":
     result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
