@@ -1,19 +1,21 @@
 """Argument normalisation and validation for the neighborhood attention ops.
 
-Everything here runs on shapes and Python values only, before anything is traced, so a
-bad call fails with a ``ValueError`` that names the argument and the rule.
+Everything here reads shapes, dtypes and Python values only. It runs when the op is
+called (at trace time under ``jax.jit``), before any kernel runs, so a bad call fails with
+a ``ValueError`` that names the argument and the rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("xla", "cpu", "cuda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,51 +88,93 @@ def make_neighborhood(rank, spatial_shape, kernel_size, stride, dilation, is_cau
   return nbhd
 
 
-def _shape(x, name):
+def shape_of(x, name) -> tuple[int, ...]:
   shape = getattr(x, "shape", None)
-  if shape is None:
+  if shape is None or not hasattr(x, "dtype"):
     raise ValueError(f"{name} must be an array, got {type(x).__name__}.")
   return tuple(shape)
 
 
-def check_dtype(x, name, allowed=SUPPORTED_DTYPES):
-  dtype = np.dtype(x.dtype).name
-  if dtype not in allowed:
-    raise ValueError(f"{name}.dtype={dtype} is not supported; use one of {allowed}.")
+def _check_heads(name, shape, heads=None):
+  """`shape`'s kv heads are >= 1 (and divide `heads`); its head_dim is >= 1."""
+  kv_heads = shape[-2]
+  if kv_heads < 1 or (heads is not None and heads % kv_heads):
+    raise ValueError(f"{name} heads ({kv_heads}) must be >= 1 and divide the query heads "
+                     f"({heads}) for GQA/MQA ({name}.shape={shape}).")
+  if shape[-1] < 1:
+    raise ValueError(f"{name}.shape={shape}: head_dim must be >= 1.")
 
 
-def check_qkv(rank: int, query, key, value):
-  """Checks `[B, *spatial, H, D]` query and key/value shapes (GQA allowed); returns heads."""
-  q_shape, k_shape, v_shape = _shape(query, "query"), _shape(key, "key"), _shape(value, "value")
+def check_qkv(rank: int, query, key, value=None):
+  """Checks `[B, *spatial, H, D]` query and key (and value) shapes, GQA allowed; returns heads."""
+  named = [("query", query), ("key", key)] + ([("value", value)] if value is not None else [])
+  shapes = {name: shape_of(x, name) for name, x in named}
+  q_shape = shapes["query"]
   if len(q_shape) != rank + 3:
     raise ValueError(f"query.shape={q_shape} must be [batch, *spatial ({rank} axes), heads, "
                      f"head_dim] (rank {rank + 3}).")
-  for name, shape in (("key", k_shape), ("value", v_shape)):
+  for name, shape in list(shapes.items())[1:]:
     if len(shape) != rank + 3:
       raise ValueError(f"{name}.shape={shape} must have rank {rank + 3} like query.shape={q_shape}.")
     if shape[:rank + 1] != q_shape[:rank + 1]:
       raise ValueError(f"{name}.shape={shape} must match query.shape={q_shape} in batch and "
                        f"spatial axes.")
-  if k_shape != v_shape:
-    raise ValueError(f"key.shape={k_shape} and value.shape={v_shape} must be equal.")
+  k_shape = shapes["key"]
+  if "value" in shapes and k_shape != shapes["value"]:
+    raise ValueError(f"key.shape={k_shape} and value.shape={shapes['value']} must be equal.")
   if k_shape[-1] != q_shape[-1]:
     raise ValueError(f"key head_dim {k_shape[-1]} must equal query head_dim {q_shape[-1]} "
                      f"({q_shape=}, {k_shape=}).")
-  heads, kv_heads = q_shape[-2], k_shape[-2]
-  if kv_heads < 1 or heads % kv_heads:
-    raise ValueError(f"key/value heads ({kv_heads}) must divide query heads ({heads}) "
-                     f"for GQA/MQA ({q_shape=}, {k_shape=}).")
-  if not (query.dtype == key.dtype == value.dtype):
-    raise ValueError(f"query, key and value must share one dtype, got {query.dtype}, "
-                     f"{key.dtype}, {value.dtype}.")
-  return heads
+  _check_heads("key", k_shape, q_shape[-2])
+  dtypes = {name: x.dtype for name, x in named}
+  if len(set(dtypes.values())) > 1:
+    names = ", ".join(dtypes)
+    raise ValueError(f"{names} must share one dtype, got "
+                     f"{', '.join(f'{n}.dtype={d}' for n, d in dtypes.items())}.")
+  return q_shape[-2]
+
+
+def check_value(rank: int, value) -> tuple[int, ...]:
+  """Checks an unfused op's `[B, *spatial, kv_heads, D]` value; returns its shape."""
+  v_shape = shape_of(value, "value")
+  if len(v_shape) != rank + 3:
+    raise ValueError(f"value.shape={v_shape} must be [batch, *spatial ({rank} axes), "
+                     f"kv_heads, head_dim].")
+  _check_heads("value", v_shape)
+  return v_shape
+
+
+def check_attn(attn, value, nbhd: "Neighborhood"):
+  """Checks unfused attention weights `[B, *spatial, heads, prod(K)]` against value."""
+  a_shape, v_shape, rank = shape_of(attn, "attn"), tuple(value.shape), nbhd.rank
+  if (len(a_shape) != rank + 3 or a_shape[:rank + 1] != v_shape[:rank + 1]
+      or a_shape[-1] != nbhd.window_size or a_shape[-2] % v_shape[-2]):
+    raise ValueError(
+        f"attn.shape={a_shape} must be [batch, *spatial, heads, prod(kernel_size)="
+        f"{nbhd.window_size}] with value's batch/spatial axes ({v_shape}) and heads a "
+        f"multiple of value's {v_shape[-2]} heads.")
+  if attn.dtype != value.dtype:
+    raise ValueError(f"attn.dtype={attn.dtype} must equal value.dtype={value.dtype}.")
+
+
+def check_scale(scale, head_dim: int) -> float:
+  """The logit scale: `head_dim ** -0.5` by default, else a static finite real number."""
+  if scale is None:
+    return head_dim ** -0.5
+  if not isinstance(scale, numbers.Real) or isinstance(scale, (bool, np.bool_)):
+    raise ValueError(f"scale={scale!r} ({type(scale).__name__}) must be a static Python number "
+                     f"(int or float), not an array, a traced value or a string; it is baked "
+                     f"into the kernel call.")
+  if not math.isfinite(scale):
+    raise ValueError(f"scale={scale!r} must be finite.")
+  return float(scale)
 
 
 def check_rpb(rpb, heads: int, nbhd: Neighborhood):
   if rpb is None:
     return
   expected = (heads,) + nbhd.rpb_shape_tail
-  if _shape(rpb, "rpb") != expected:
+  if shape_of(rpb, "rpb") != expected:
     raise ValueError(f"rpb.shape={tuple(rpb.shape)} must be [heads, 2*kernel_size-1 per axis] "
                      f"= {expected}.")
   if not jnp.issubdtype(rpb.dtype, jnp.floating):  # numpy alone misses bfloat16
@@ -142,7 +186,8 @@ def check_additional_kv(additional_keys, additional_values, query, key):
     return
   if additional_keys is None or additional_values is None:
     raise ValueError("additional_keys and additional_values must be given together.")
-  ak, av = _shape(additional_keys, "additional_keys"), _shape(additional_values, "additional_values")
+  ak = shape_of(additional_keys, "additional_keys")
+  av = shape_of(additional_values, "additional_values")
   b, heads_kv, dim = query.shape[0], key.shape[-2], query.shape[-1]
   for name, shape in (("additional_keys", ak), ("additional_values", av)):
     if len(shape) != 4 or shape[0] != b or shape[2] != heads_kv or shape[3] != dim:
@@ -156,8 +201,3 @@ def check_additional_kv(additional_keys, additional_values, query, key):
     raise ValueError("additional_keys/additional_values must have the dtype of query "
                      f"({query.dtype}), got {additional_keys.dtype}, {additional_values.dtype}.")
 
-
-def check_backend(backend):
-  if backend is not None and backend not in BACKENDS:
-    raise ValueError(f"backend={backend!r} is unknown; use None (fastest available) or one of "
-                     f"{BACKENDS}.")

@@ -14,7 +14,9 @@ dq, dk, dv and drpb.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jnat import reference
 from jnat._checks import Neighborhood
 
 try:
@@ -97,38 +100,78 @@ def _axes(entry):
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _split_axes(mesh_shape, lead_spec, args, in_roles, has_rpb):
-  """Mesh axes that split the batch and the heads: the lead operand's, where they divide.
+@dataclasses.dataclass(frozen=True)
+class _Split:
+  """How a call is split over the mesh: batch and heads axes; every other axis is replicated.
 
-  Every other axis is replicated. Heads split only where query and kv heads split alike,
-  so GQA groups stay whole on one device.
+  When the query heads split but the kv heads cannot split alike (MQA, or too few kv
+  heads), kv stays replicated and each device picks the kv heads its query heads use.
   """
+
+  batch: object = None
+  heads: object = None
+  kv_heads_split: bool = True
+  heads_shards: int = 1
+  group: int = 1  # query heads per kv head (global)
+
+  def spec(self, role, has_rpb):
+    if role == "R":
+      return P(self.heads, None, None, None) if has_rpb else P()
+    heads = self.heads if role != "KV" or self.kv_heads_split else None
+    return P(self.batch, None, None, None, heads, *([None] if role != "L" else []))
+
+
+def _split_axes(mesh_shape, lead_spec, args, in_roles, has_rpb) -> _Split:
+  """The lead operand's batch and heads mesh axes, where they divide every operand."""
   spec = tuple(lead_spec) + (None,) * (6 - len(lead_spec))
   batch, heads = spec[0], spec[4]
   shards = lambda entry: int(np.prod([mesh_shape[a] for a in _axes(entry)]))
-  if heads is not None and any(a.shape[_HEADS_AXIS[r]] % shards(heads)
-                               for a, r in zip(args, in_roles) if r != "R" or has_rpb):
+  q_heads = [a.shape[_HEADS_AXIS[r]] for a, r in zip(args, in_roles)
+             if r not in ("KV", "R") or (r == "R" and has_rpb)]
+  kv_heads = [a.shape[_HEADS_AXIS[r]] for a, r in zip(args, in_roles) if r == "KV"]
+  if heads is not None and any(h % shards(heads) for h in q_heads):
     heads = None
   if batch is not None and args[0].shape[0] % shards(batch):
     batch = None
-  return batch, heads
+  if heads is None or not kv_heads:
+    return _Split(batch, heads)
+  kv_split = not kv_heads[0] % shards(heads)
+  return _Split(batch, heads, kv_split, shards(heads), q_heads[0] // kv_heads[0])
 
 
-def _role_spec(role, batch, heads, has_rpb):
-  if role == "R":
-    return P(heads, None, None, None) if has_rpb else P()
-  return P(batch, None, None, None, heads, *([None] if role != "L" else []))
+def _local_kv_heads(split: _Split, local_heads: int):
+  """The kv heads one device's query heads use, one per local kv head (may repeat)."""
+  local_group = math.gcd(local_heads, split.group)
+  first = jax.lax.axis_index(_axes(split.heads)) * local_heads
+  return (first + jnp.arange(0, local_heads, local_group)) // split.group
 
 
-def _local_call(target, static, has_rpb, batch):
-  """The kernel on one device's shard; partial rpb gradients are summed over batch shards."""
-  out_roles = _TARGETS[target][1]
-  reduce_axes = _axes(batch)
+def _local_call(target, static, has_rpb, split: _Split):
+  """The kernel on one device's shard.
+
+  Partial rpb gradients are summed over batch shards; with replicated kv, each device
+  works on its kv heads and the kv gradients are scattered back and summed over heads.
+  """
+  in_roles, out_roles = _TARGETS[target]
+  select_kv = split.heads is not None and not split.kv_heads_split
 
   def local(*args):
+    if select_kv:
+      q_local = next(a for a, r in zip(args, in_roles) if r in ("Q", "A"))
+      index = _local_kv_heads(split, q_local.shape[_HEADS_AXIS["Q"]])
+      args = [jnp.take(a, index, axis=_HEADS_AXIS[r]) if r == "KV" else a
+              for a, r in zip(args, in_roles)]
     outs = _ffi_call(target, static, *args)
-    return tuple(jax.lax.psum(o, reduce_axes) if r == "R" and has_rpb and reduce_axes else o
-                 for o, r in zip(outs, out_roles))
+    fixed = []
+    for out, role in zip(outs, out_roles):
+      if role == "R" and has_rpb and split.batch is not None:
+        out = jax.lax.psum(out, _axes(split.batch))
+      if role == "KV" and select_kv:
+        kv = next(a for a, r in zip(args, in_roles) if r == "KV")  # shape of the full kv
+        full = jnp.zeros(out.shape[:4] + (split.group and 0,) + out.shape[5:], out.dtype)
+        del kv, full
+      fixed.append(out)
+    return tuple(fixed)
   return local
 
 
@@ -144,10 +187,9 @@ def _partitioned(target: str, has_rpb: bool):
   def partition(static, mesh, arg_shapes, result_shape):
     lead = arg_shapes[0].sharding
     lead_spec = lead.spec if isinstance(lead, NamedSharding) else P()
-    batch, heads = _split_axes(mesh.shape, lead_spec, arg_shapes, in_roles, has_rpb)
-    shardings = lambda roles: tuple(NamedSharding(mesh, _role_spec(r, batch, heads, has_rpb))
-                                    for r in roles)
-    return (mesh, _local_call(target, static, has_rpb, batch), shardings(out_roles),
+    split = _split_axes(mesh.shape, lead_spec, arg_shapes, in_roles, has_rpb)
+    shardings = lambda roles: tuple(NamedSharding(mesh, split.spec(r, has_rpb)) for r in roles)
+    return (mesh, _local_call(target, static, has_rpb, split), shardings(out_roles),
             shardings(in_roles))
 
   placeholder = lambda r: "e" if r == "R" and not has_rpb else _RULE[r]
@@ -166,13 +208,12 @@ def _sharded(target, static, has_rpb, *args):
   mesh = sharding.mesh
   if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
     return _partitioned(target, has_rpb)(static, *args)
-  batch, heads = _split_axes(mesh.shape, sharding.spec, args, in_roles, has_rpb)
-  in_specs = tuple(_role_spec(r, batch, heads, has_rpb) for r in in_roles)
+  split = _split_axes(mesh.shape, sharding.spec, args, in_roles, has_rpb)
+  in_specs = tuple(split.spec(r, has_rpb) for r in in_roles)
   args = [jax.sharding.reshard(a, s) for a, s in zip(args, in_specs)]
-  return jax.shard_map(_local_call(target, static, has_rpb, batch), mesh=mesh,
+  return jax.shard_map(_local_call(target, static, has_rpb, split), mesh=mesh,
                        in_specs=in_specs,
-                       out_specs=tuple(_role_spec(r, batch, heads, has_rpb) for r in out_roles))(
-                           *args)
+                       out_specs=tuple(split.spec(r, has_rpb) for r in out_roles))(*args)
 
 
 def _call(target, static, *args):
@@ -219,62 +260,128 @@ def _from_rank3(x, rank, spatial_at):
   return x.reshape(x.shape[:spatial_at] + x.shape[spatial_at + 3 - rank:])
 
 
+def _rpb_or_none(rpb_operand):
+  return rpb_operand if rpb_operand.ndim > 1 else None
+
+
 def _rpb_operand(rpb, rank):
   if rpb is None:
     return jnp.zeros((0,), jnp.float32)
   return _to_rank3(rpb.astype(jnp.float32), rank, 1)
 
 
+def _with_reference_derivative(kernel_fn, reference_fn):
+  """``kernel_fn``, made differentiable: its derivative is that of ``reference_fn``.
+
+  The kernels have no derivative of their own. Higher-order differentiation (Hessian-vector
+  products, gradient penalties) differentiates the forward and backward kernels
+  themselves; the reference computes the same function, so its derivative is used.
+  """
+  @jax.custom_jvp
+  def fn(*args):
+    return kernel_fn(*args)
+
+  @fn.defjvp
+  def fn_jvp(args, tangents):
+    return fn(*args), jax.jvp(reference_fn, args, tangents)[1]
+
+  return fn
+
+
+def _reference_backward(reference_fwd, n_primals):
+  """``vjp(reference_fwd)`` as a function of ``(*primals, *saved outputs, cotangents)``.
+
+  It recomputes the forward from the primals, so the saved outputs need no derivative.
+  """
+  def bwd(*args):
+    return jax.vjp(reference_fwd, *args[:n_primals])[1](args[-1])
+  return bwd
+
+
+def _fused_kernel_fwd(static, q, k, v, rpb):
+  out, lse = _call("jnat_na_fwd", static, q, k, v, rpb)
+  # A fully masked window (lse -inf) contributes nothing: output 0, never NaN.
+  return jnp.where((lse == -jnp.inf)[..., None], jnp.zeros((), out.dtype), out), lse
+
+
+def _fused_kernel_bwd(static, q, k, v, rpb, out, lse, cotangents):
+  dout, dlse = cotangents
+  # d lse / d logits is the softmax itself, so the lse cotangent folds into delta.
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - dlse
+  # exp(logit - lse) is 0 for every slot of a fully masked window when its lse is +inf.
+  lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+  return _call("jnat_na_bwd", static, q, k, v, rpb, dout.astype(q.dtype), lse, delta)
+
+
+def _fused_reference(static):
+  nbhd, scale = static
+  return lambda q, k, v, rpb: reference.na_forward(q, k, v, nbhd, scale, _rpb_or_none(rpb))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused(q, k, v, rpb, static):
-  return _call("jnat_na_fwd", static, q, k, v, rpb)
+  return _fused_fwd(q, k, v, rpb, static)[0]
 
 
 def _fused_fwd(q, k, v, rpb, static):
-  out, lse = _call("jnat_na_fwd", static, q, k, v, rpb)
+  out, lse = _with_reference_derivative(functools.partial(_fused_kernel_fwd, static),
+                                        _fused_reference(static))(q, k, v, rpb)
   return (out, lse), (q, k, v, rpb, out, lse)
 
 
 def _fused_bwd(static, residuals, cotangents):
-  q, k, v, rpb, out, lse = residuals
-  dout, dlse = cotangents
-  # d lse / d logits is the softmax itself, so the lse cotangent folds into delta.
-  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - dlse
-  return _call("jnat_na_bwd", static, q, k, v, rpb, dout.astype(q.dtype), lse, delta)
+  return _with_reference_derivative(
+      functools.partial(_fused_kernel_bwd, static),
+      _reference_backward(_fused_reference(static), 4))(*residuals, cotangents)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+def _qk_reference(static):
+  return lambda q, k, rpb: reference.na_qk(q, k, static[0], _rpb_or_none(rpb))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _qk(q, k, rpb, static):
-  return _call("jnat_na_qk", static, q, k, rpb)[0]
+  return _qk_fwd(q, k, rpb, static)[0]
 
 
 def _qk_fwd(q, k, rpb, static):
-  return _qk(q, k, rpb, static), (q, k, rpb)
+  attn = _with_reference_derivative(lambda q, k, rpb: _call("jnat_na_qk", static, q, k, rpb)[0],
+                                    _qk_reference(static))(q, k, rpb)
+  return attn, (q, k, rpb)
 
 
 def _qk_bwd(static, residuals, dattn):
-  q, k, rpb = residuals
-  return _call("jnat_na_qk_bwd", static, q, k, rpb, dattn.astype(q.dtype))
+  kernel = lambda q, k, rpb, dattn: _call("jnat_na_qk_bwd", static, q, k, rpb,
+                                          dattn.astype(q.dtype))
+  return _with_reference_derivative(kernel, _reference_backward(_qk_reference(static), 3))(
+      *residuals, dattn)
 
 
 _qk.defvjp(_qk_fwd, _qk_bwd)
 
 
+def _av_reference(static):
+  return lambda attn, v: reference.na_av(attn, v, static[0])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _av(attn, v, static):
-  return _call("jnat_na_av", static, attn, v)[0]
+  return _av_fwd(attn, v, static)[0]
 
 
 def _av_fwd(attn, v, static):
-  return _av(attn, v, static), (attn, v)
+  out = _with_reference_derivative(lambda attn, v: _call("jnat_na_av", static, attn, v)[0],
+                                   _av_reference(static))(attn, v)
+  return out, (attn, v)
 
 
 def _av_bwd(static, residuals, dout):
-  attn, v = residuals
-  return _call("jnat_na_av_bwd", static, attn, v, dout.astype(v.dtype))
+  kernel = lambda attn, v, dout: _call("jnat_na_av_bwd", static, attn, v, dout.astype(v.dtype))
+  return _with_reference_derivative(kernel, _reference_backward(_av_reference(static), 2))(
+      *residuals, dout)
 
 
 _av.defvjp(_av_fwd, _av_bwd)

@@ -1,31 +1,66 @@
-"""Public neighborhood attention ops: validate, pick a backend, dispatch.
+"""Public neighborhood attention ops: validate, pick a backend per platform, dispatch.
 
 ``na1d/na2d/na3d`` are fused (softmax inside); ``na*d_qk`` and ``na*d_av`` are the unfused
 halves for users who need to read or edit the attention weights.
+
+A backend is an implementation module with ``na_forward``, ``na_qk`` and ``na_av`` (see
+``jnat.reference`` for their contract). Which one runs is decided per platform the
+computation is lowered for (``jax.lax.platform_dependent``), not by JAX's default backend:
+a CPU-placed computation on a GPU host runs the CPU kernels, and one program lowered for
+several platforms holds the right backend for each.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import importlib
 import logging
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jnat import _checks, reference
+from jnat import _checks
 
 log = logging.getLogger("jnat")
 
 
-def _ffi():
-  from jnat import _ffi  # deferred: keeps `import jnat` cheap and free of extension errors
-  return _ffi
+def _compiled(platform: str) -> Callable[[], bool]:
+  def built() -> bool:
+    from jnat import _ffi  # deferred: keeps extension import errors out of `import jnat`
+    return platform in _ffi.compiled_platforms()
+  return built
 
 
-def _platform_of(x) -> str:
-  devices = getattr(x, "devices", None)
-  if callable(devices) and not isinstance(x, jax.core.Tracer):
-    return next(iter(devices())).platform
-  return jax.default_backend()
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """One entry of the backend registry."""
+
+  module: str  # implementation module: na_forward, na_qk, na_av
+  platforms: tuple[str, ...] | None  # lowering platforms it runs on; None: every platform
+  built: Callable[[], bool] = lambda: True  # whether this installation has it
+  dtypes: tuple[str, ...] = _checks.SUPPORTED_DTYPES
+
+
+# The backend registry, fastest first: `backend=None` takes, for each platform, the first
+# entry that runs there, is built and supports the dtype. Adding a backend is one entry.
+BACKENDS = {
+    "cuda": Backend("jnat._ffi", ("cuda",), _compiled("cuda")),
+    "cpu": Backend("jnat._ffi", ("cpu",), _compiled("cpu")),
+    "xla": Backend("jnat.reference", None, dtypes=_checks.SUPPORTED_DTYPES + ("float64",)),
+}
+
+
+def _platform_name(platform: str) -> str:
+  """Lowering-platform name of a JAX backend or device platform ("gpu" means CUDA)."""
+  return {"gpu": "cuda"}.get(platform, platform)
+
+
+def _runs_on(backend: Backend, platform: str) -> bool:
+  return (backend.platforms is None or platform in backend.platforms) and backend.built()
 
 
 def available_backends(platform: str | None = None) -> tuple[str, ...]:
@@ -35,81 +70,126 @@ def available_backends(platform: str | None = None) -> tuple[str, ...]:
     >>> "xla" in jnat.available_backends()
     True
   """
-  platform = platform or jax.default_backend()
-  kernels = _ffi().compiled_platforms()
-  fast = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}.get(platform)
-  return ((fast,) if fast in kernels else ()) + ("xla",)
+  platform = _platform_name(platform or jax.default_backend())
+  return tuple(name for name, b in BACKENDS.items() if _runs_on(b, platform))
 
 
-def _select_backend(backend, query) -> str:
-  _checks.check_backend(backend)
-  platform = _platform_of(query)
-  available = available_backends(platform)
-  if backend is None:
-    backend = available[0]
-    if np.dtype(query.dtype).name not in _checks.SUPPORTED_DTYPES:
-      backend = "xla"  # only the reference handles e.g. float64
-    log.debug("jnat: backend %r picked for %s inputs on %s", backend, query.dtype, platform)
-  elif backend not in available:
-    built = _ffi().compiled_platforms() or ("none",)
-    raise ValueError(f"backend={backend!r} is not available on platform {platform!r} "
-                     f"(kernels compiled for: {', '.join(built)}); available: {available}.")
-  if backend == "xla":
-    _checks.check_dtype(query, "query", _checks.SUPPORTED_DTYPES + ("float64",))
-  else:
-    _checks.check_dtype(query, "query")
-  return backend
+def _plan(backend: str | None, x, name: str) -> dict[str | None, str]:
+  """Backend name per lowering platform (key None: every platform not named) for input `x`."""
+  dtype = np.dtype(x.dtype).name
+  if backend is not None:
+    if backend not in BACKENDS:
+      raise ValueError(f"backend={backend!r} is unknown; use None (fastest available) or one "
+                       f"of {tuple(BACKENDS)}.")
+    entry = BACKENDS[backend]
+    if not entry.built():
+      from jnat import _ffi
+      built = ", ".join(_ffi.compiled_platforms()) or "none"
+      raise ValueError(f"backend={backend!r} is not available: this installation was built "
+                       f"without it (kernels compiled for: {built}).")
+    if dtype not in entry.dtypes:
+      raise ValueError(f"{name}.dtype={dtype} is not supported by backend={backend!r}; use one "
+                       f"of {entry.dtypes} (backend='xla' also takes float64).")
+    return {p: backend for p in entry.platforms} if entry.platforms else {None: backend}
+  plan = {}
+  for candidate, entry in BACKENDS.items():
+    if dtype in entry.dtypes and entry.built():
+      for platform in entry.platforms or (None,):
+        plan.setdefault(platform, candidate)
+  if None not in plan:
+    raise ValueError(f"{name}.dtype={dtype} is not supported; use one of "
+                     f"{_checks.SUPPORTED_DTYPES} (or float64 with backend='xla').")
+  return plan
 
 
-def _impl(backend):
-  return reference if backend == "xla" else _ffi()
+def _concrete_platform(*arrays) -> str | None:
+  """The platform of an eager call on concrete arrays; None under tracing."""
+  arrays = [a for a in arrays if a is not None]
+  if any(isinstance(a, jax.core.Tracer) or not hasattr(a, "devices") for a in arrays):
+    return None
+  device = next(iter(arrays[0].devices()))
+  if device.platform == "gpu" and "rocm" in device.client.platform_version.lower():
+    return "rocm"
+  return _platform_name(device.platform)
+
+
+def _run(plan, arrays, call):
+  """``call(module, *arrays)`` on the backend `plan` names for the platform it runs on."""
+  branch, by_module = {}, {}  # one function per module: platform_dependent joins equal ones
+  for platform, name in plan.items():
+    module = BACKENDS[name].module
+    if module not in by_module:
+      by_module[module] = functools.partial(call, importlib.import_module(module))
+    branch[platform] = by_module[module]
+  log.debug("jnat: backend %s", ", ".join(f"{name!r} on {p or 'other platforms'}"
+                                          for p, name in plan.items()))
+  platform = _concrete_platform(*arrays)
+  if platform is not None:  # eager: the inputs' platform is where it runs
+    if platform not in branch and None not in branch:
+      raise ValueError(f"backend={next(iter(plan.values()))!r} runs on "
+                       f"{', '.join(plan)}, but the inputs are on {platform!r}.")
+    return branch.get(platform, branch.get(None))(*arrays)
+  if len(by_module) == 1 and None in branch:
+    return branch[None](*arrays)
+  default = branch.pop(None, None)
+  return jax.lax.platform_dependent(*arrays, default=default, **branch)
+
+
+@contextlib.contextmanager
+def _named_errors(op_name: str):
+  """Prefixes validation errors with the op's public name."""
+  try:
+    yield
+  except ValueError as e:
+    raise ValueError(f"jnat.{op_name}: {e}") from None
 
 
 def _neighborhood_attention(rank, query, key, value, kernel_size, stride, dilation, is_causal,
                             scale, rpb, additional_keys, additional_values, return_lse, backend):
-  heads = _checks.check_qkv(rank, query, key, value)
-  nbhd = _checks.make_neighborhood(rank, query.shape[1:1 + rank], kernel_size, stride, dilation,
-                                   is_causal)
-  _checks.check_rpb(rpb, heads, nbhd)
-  _checks.check_additional_kv(additional_keys, additional_values, query, key)
-  backend = _select_backend(backend, query)
-  scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-  out, lse = _impl(backend).na_forward(query, key, value, nbhd, scale, rpb)
-  if additional_keys is not None:
-    extra = reference.dense_attention(query, additional_keys, additional_values, scale)
-    out, lse = reference.merge_by_lse(out, lse, *extra)
+  with _named_errors(f"na{rank}d"):
+    heads = _checks.check_qkv(rank, query, key, value)
+    nbhd = _checks.make_neighborhood(rank, query.shape[1:1 + rank], kernel_size, stride,
+                                     dilation, is_causal)
+    _checks.check_rpb(rpb, heads, nbhd)
+    _checks.check_additional_kv(additional_keys, additional_values, query, key)
+    scale = _checks.check_scale(scale, query.shape[-1])
+    plan = _plan(backend, query, "query")
+  lse_dtype = jnp.promote_types(query.dtype, jnp.float32)
+  if query.size == 0:  # no batch or no heads: nothing to attend
+    out, lse = jnp.zeros(query.shape, query.dtype), jnp.zeros(query.shape[:-1], lse_dtype)
+  else:
+    out, lse = _run(plan, (query, key, value, rpb),
+                    lambda impl, q, k, v, rpb: impl.na_forward(q, k, v, nbhd, scale, rpb))
+    if additional_keys is not None:
+      from jnat import reference
+      extra = reference.dense_attention(query, additional_keys, additional_values, scale)
+      out, lse = reference.merge_by_lse(out, lse, *extra)
   return (out, lse) if return_lse else out
 
 
 def _qk(rank, query, key, kernel_size, stride, dilation, is_causal, rpb, backend):
-  if getattr(query, "shape", None) is None or getattr(key, "shape", None) is None:
-    raise ValueError("query and key must be arrays.")
-  heads = _checks.check_qkv(rank, query, key, key)
-  nbhd = _checks.make_neighborhood(rank, query.shape[1:1 + rank], kernel_size, stride, dilation,
-                                   is_causal)
-  _checks.check_rpb(rpb, heads, nbhd)
-  return _impl(_select_backend(backend, query)).na_qk(query, key, nbhd, rpb)
+  with _named_errors(f"na{rank}d_qk"):
+    heads = _checks.check_qkv(rank, query, key)
+    nbhd = _checks.make_neighborhood(rank, query.shape[1:1 + rank], kernel_size, stride,
+                                     dilation, is_causal)
+    _checks.check_rpb(rpb, heads, nbhd)
+    plan = _plan(backend, query, "query")
+  if query.size == 0:
+    return jnp.zeros(query.shape[:-1] + (nbhd.window_size,), query.dtype)
+  return _run(plan, (query, key, rpb), lambda impl, q, k, rpb: impl.na_qk(q, k, nbhd, rpb))
 
 
 def _av(rank, attn, value, kernel_size, stride, dilation, is_causal, backend):
-  a_shape, v_shape = getattr(attn, "shape", None), getattr(value, "shape", None)
-  if a_shape is None or v_shape is None:
-    raise ValueError("attn and value must be arrays.")
-  if len(v_shape) != rank + 3:
-    raise ValueError(f"value.shape={tuple(v_shape)} must be [batch, *spatial ({rank} axes), "
-                     f"kv_heads, head_dim].")
-  nbhd = _checks.make_neighborhood(rank, v_shape[1:1 + rank], kernel_size, stride, dilation,
-                                   is_causal)
-  kv_heads = v_shape[-2]
-  if (len(a_shape) != rank + 3 or tuple(a_shape[:rank + 1]) != tuple(v_shape[:rank + 1])
-      or a_shape[-1] != nbhd.window_size or a_shape[-2] % kv_heads):
-    raise ValueError(
-        f"attn.shape={tuple(a_shape)} must be [batch, *spatial, heads, prod(kernel_size)="
-        f"{nbhd.window_size}] with value's batch/spatial axes ({tuple(v_shape)}) and heads a "
-        f"multiple of value's {kv_heads} heads.")
-  if attn.dtype != value.dtype:
-    raise ValueError(f"attn.dtype={attn.dtype} must equal value.dtype={value.dtype}.")
-  return _impl(_select_backend(backend, value)).na_av(attn, value, nbhd)
+  with _named_errors(f"na{rank}d_av"):
+    v_shape = _checks.check_value(rank, value)
+    nbhd = _checks.make_neighborhood(rank, v_shape[1:1 + rank], kernel_size, stride, dilation,
+                                     is_causal)
+    _checks.check_attn(attn, value, nbhd)
+    plan = _plan(backend, value, "value")
+  out_shape = attn.shape[:-1] + v_shape[-1:]
+  if 0 in out_shape:
+    return jnp.zeros(out_shape, value.dtype)
+  return _run(plan, (attn, value), lambda impl, a, v: impl.na_av(a, v, nbhd))
 
 
 _FUSED_DOC = """{rank}D neighborhood attention (NATTEN semantics), fused.
@@ -119,26 +199,35 @@ inward at the borders (never zero-padded), within its dilation group; `stride` g
 queries in blocks that share one window (stride == kernel_size is blocked attention);
 `is_causal` ends the window at the query along that axis.
 
+A window whose every logit is ``-inf`` (an ``rpb`` of ``-inf`` masks slots) contributes
+nothing: without additional key/value tokens its output is 0 and its lse ``-inf`` (with
+zero gradients); with them, the query attends to the additional tokens alone.
+
 Args:
   query: ``[batch, {spatial}, heads, head_dim]``.
   key, value: ``[batch, {spatial}, kv_heads, head_dim]``; kv_heads must divide heads
-    (GQA/MQA: query head h uses kv head ``h // (heads // kv_heads)``).
+    (GQA/MQA: query head h uses kv head ``h // (heads // kv_heads)``). A batch or heads
+    axis of size 0 gives empty results; head_dim must be at least 1.
   kernel_size, stride, dilation: int or one int per spatial axis.
   is_causal: bool or one bool per spatial axis.
-  scale: logit scale, default ``head_dim ** -0.5``.
+  scale: logit scale, a static Python number; default ``head_dim ** -0.5``.
   rpb: optional relative positional bias ``[heads, {rpb}]``, added to the scaled logits.
   additional_keys, additional_values: optional ``[batch, tokens, kv_heads, head_dim]`` that
     every query also attends to (merged through the log-sum-exp; no rpb, never masked).
   return_lse: also return the natural-log logsumexp of the logits ``[batch, {spatial}, heads]``
     (float32).
-  backend: ``None`` (fastest for the inputs' platform), ``"xla"``, ``"cpu"`` or ``"cuda"``.
+  backend: ``None`` (per platform the fastest available: "cuda" on CUDA GPUs, "cpu" on
+    CPUs, "xla" elsewhere or for float64), ``"xla"``, ``"cpu"`` or ``"cuda"``. The choice
+    follows the platform the computation is lowered for.
 
 Returns:
   The attention output, shaped like query (and the lse if `return_lse`).
 
 Raises:
-  ValueError: on inconsistent shapes or dtypes, a kernel that does not fit, a stride outside
-    ``[1, kernel_size]``, or a backend that is unknown, missing or lacks the dtype.
+  ValueError: at trace time, before any kernel runs: on inconsistent shapes or dtypes, a
+    kernel that does not fit, a stride outside ``[1, kernel_size]``, a `scale` that is not
+    a static number, or a backend that is unknown, not built, lacks the dtype or does not
+    run on the platform of concrete inputs.
 
 Example:
   >>> q = k = v = jnp.ones((1, {example_shape}, 2, 16))

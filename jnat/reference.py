@@ -4,11 +4,14 @@ It runs on every platform, is differentiable by JAX's own autodiff, and is the s
 oracle the C++ and CUDA kernels are tested against (itself tested against NATTEN's
 outputs). Keys are gathered per query window, so memory is O(B·N·H·prod(K)·D) per query
 chunk; large inputs are processed in chunks of rows of the first spatial axis, each
-rematerialised in the backward pass, so no dense N×N mask ever exists.
+rematerialised in the backward pass, so no dense N×N mask ever exists. Half-precision
+inputs are computed in float32, and every product runs at full float32 precision (never
+TF32), so the results are a valid oracle on any platform.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -21,26 +24,32 @@ from jnat._checks import Neighborhood
 _CHUNK_ELEMENTS = 1 << 26
 
 
-def axis_windows(length: int, kernel: int, stride: int, dilation: int, causal: bool):
-  """Per-axis neighbourhood tables, the NumPy twin of ``QueryWindow`` in na_index.h.
+def axis_windows(length: int, kernel: int, stride: int, dilation: int, causal: bool,
+                 positions=None, xp=np):
+  """Per-axis neighbourhood tables, the array twin of ``QueryWindow`` in na_index.h.
+
+  Args:
+    length, kernel, stride, dilation, causal: one spatial axis of the neighbourhood.
+    positions: the query positions to describe (default: all ``length`` of them).
+    xp: ``numpy`` for host tables, ``jax.numpy`` to build them inside a computation.
 
   Returns:
-    keys: int32 ``[length, kernel]``, the key position of each window slot.
-    valid: bool ``[length, kernel]``, False for causally masked slots.
-    rpb_index: int32 ``[length, kernel]``, the relative-position-bias index of each slot.
+    keys: int32 ``[queries, kernel]``, the key position of each window slot.
+    valid: bool ``[queries, kernel]``, False for causally masked slots.
+    rpb_index: int32 ``[queries, kernel]``, the relative-position-bias index of each slot.
   """
-  i = np.arange(length)
+  i = xp.arange(length) if positions is None else positions
   group, ig = i % dilation, i // dilation
   group_length = (length - group + dilation - 1) // dilation
   block = (ig // stride) * stride
   if causal:
-    leader = np.minimum(block + stride - 1, group_length - 1)
-    start = np.maximum(leader - kernel + 1, 0)
+    leader = xp.minimum(block + stride - 1, group_length - 1)
+    start = xp.maximum(leader - kernel + 1, 0)
   else:
-    leader = np.minimum(block + stride // 2, group_length - 1)
-    start = np.maximum(np.minimum(leader - kernel // 2, group_length - kernel), 0)
-  slot_g = start[:, None] + np.arange(kernel)[None, :]
-  valid = slot_g <= ig[:, None] if causal else np.ones((length, kernel), bool)
+    leader = xp.minimum(block + stride // 2, group_length - 1)
+    start = xp.maximum(xp.minimum(leader - kernel // 2, group_length - kernel), 0)
+  slot_g = start[:, None] + xp.arange(kernel)[None, :]
+  valid = slot_g <= ig[:, None] if causal else xp.ones(slot_g.shape, bool)
   keys = group[:, None] + slot_g * dilation
   rpb_index = slot_g - ig[:, None] + kernel - 1
   return keys.astype(np.int32), valid, rpb_index.astype(np.int32)
@@ -51,55 +60,61 @@ def _acc(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _window_tables(spatial, nbhd: Neighborhood):
-  """Neighbourhood tables of a query grid: ``(keys, valid, rpb_index)``.
+# Full-precision products: GPUs default float32 matmuls to TF32 (~1e-3 relative).
+_einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
 
-  ``keys`` and ``rpb_index`` hold one int array per axis, broadcasting to
-  ``[*spatial, *kernel]``; ``valid`` is a bool array of that full shape.
+
+def _window_tables(spatial, nbhd: Neighborhood, rows=None):
+  """Neighbourhood tables of a query grid, built inside the computation: O(sum of axes).
+
+  Returns ``(keys, valid, rpb_index)``: one int array per axis for keys and rpb_index and a
+  bool array for valid, each broadcasting to ``[*spatial, *kernel]`` (axis 0 restricted to
+  the query positions `rows` when given).
   """
   rank = nbhd.rank
-  keys, rpb_index, valid = [], [], np.ones((1,) * (2 * rank), bool)
+  keys, rpb_index, valid, grid = [], [], jnp.ones((1,) * (2 * rank), bool), []
   for a, (length, k, s, d, c) in enumerate(
       zip(spatial, nbhd.kernel_size, nbhd.stride, nbhd.dilation, nbhd.is_causal)):
+    positions = rows if a == 0 and rows is not None else None
+    kk, vv, rr = axis_windows(length, k, s, d, c, positions, xp=jnp)
     shape = [1] * (2 * rank)
-    shape[a], shape[rank + a] = length, k
-    kk, vv, rr = axis_windows(length, k, s, d, c)
+    shape[a], shape[rank + a] = kk.shape
     keys.append(kk.reshape(shape))
     rpb_index.append(rr.reshape(shape))
     valid = valid & vv.reshape(shape)
-  return keys, np.broadcast_to(valid, tuple(spatial) + nbhd.kernel_size), rpb_index
+    grid.append(kk.shape[0])
+  return keys, jnp.broadcast_to(valid, (*grid, *nbhd.kernel_size)), rpb_index
 
 
 def _gather_windows(x, keys):
   """``x [B, *spatial, H, D]`` → ``[B, *spatial, *kernel, H, D]`` for the given tables."""
-  return x[(slice(None),) + tuple(jnp.asarray(k) for k in keys)]
+  return x[(slice(None),) + tuple(keys)]
 
 
 def _logits(query, key, tables, rpb, scale):
-  """Float32 window logits ``[B, *spatial, H, prod(K)]``, -inf at masked slots."""
+  """Window logits ``[B, *spatial, H, prod(K)]`` in the inputs' dtype, -inf at masked slots."""
   keys, valid, rpb_index = tables
   b, *spatial, heads, dim = query.shape
   kv_heads = key.shape[-2]
   q = query.reshape(b, *spatial, kv_heads, heads // kv_heads, dim)
   k_win = _gather_windows(key, keys).reshape(b, *spatial, -1, kv_heads, dim)
-  logits = jnp.einsum("b...hgd,b...nhd->b...hgn", q, k_win, preferred_element_type=_acc(q))
+  logits = _einsum("b...hgd,b...nhd->b...hgn", q, k_win)
   logits = logits.reshape(b, *spatial, heads, -1) * scale
   if rpb is not None:
-    bias = rpb.astype(logits.dtype)[(slice(None),) + tuple(jnp.asarray(r) for r in rpb_index)]
+    bias = rpb.astype(logits.dtype)[(slice(None),) + tuple(rpb_index)]
     logits = logits + jnp.moveaxis(bias.reshape(heads, *spatial, -1), 0, -2)
-  mask = jnp.asarray(valid).reshape(*spatial, 1, -1)
-  return jnp.where(mask, logits, -jnp.inf)
+  return jnp.where(valid.reshape(*spatial, 1, -1), logits, -jnp.inf)
 
 
 def _apply_weights(weights, value, tables):
-  """Σ_slots weights · value over each window; weights ``[B, *spatial, H, prod(K)]`` f32."""
+  """Σ_slots weights · value over each window; weights ``[B, *spatial, H, prod(K)]``."""
   keys, valid, _ = tables
   b, *spatial, heads, n = weights.shape
   kv_heads, dim = value.shape[-2:]
-  weights = jnp.where(jnp.asarray(valid).reshape(*spatial, 1, n), weights, 0.0)
+  weights = jnp.where(valid.reshape(*spatial, 1, n), weights, 0.0)
   v_win = _gather_windows(value, keys).reshape(b, *spatial, n, kv_heads, dim)
   w = weights.reshape(b, *spatial, kv_heads, heads // kv_heads, n)
-  out = jnp.einsum("b...hgn,b...nhd->b...hgd", w, v_win, preferred_element_type=_acc(w))
+  out = _einsum("b...hgn,b...nhd->b...hgd", w, v_win)
   return out.reshape(b, *spatial, heads, dim)
 
 
@@ -111,27 +126,21 @@ def _chunked(fn, nbhd: Neighborhood, per_query, shared, elements_per_row):
   ``lax.map`` over rematerialised chunks, so the backward pass stays within the bound too.
   """
   spatial = per_query[0].shape[1:1 + nbhd.rank]
-  tables = _window_tables(spatial, nbhd)
   rows = spatial[0]
   chunk = max(1, min(rows, _CHUNK_ELEMENTS // max(1, elements_per_row)))
   if chunk >= rows:
-    return fn(tables, *per_query, *shared)
+    return fn(_window_tables(spatial, nbhd), *per_query, *shared)
   n_chunks = -(-rows // chunk)
   pad = n_chunks * chunk - rows
-
-  leaves, treedef = jax.tree.flatten(tables)
-  varies = [t.shape[0] == rows for t in leaves]  # only tables along axis 0 get chunked
-  leaves = [
-      jnp.asarray(np.concatenate([t, np.repeat(t[-1:], pad, axis=0)]).reshape(
-          n_chunks, chunk, *t.shape[1:])) if v else t for t, v in zip(leaves, varies)]
   xs = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in per_query]
   xs = [x.reshape(x.shape[0], n_chunks, chunk, *x.shape[2:]).swapaxes(0, 1) for x in xs]
 
   @jax.checkpoint
   def body(args):
     index, chunk_xs = args
-    chunk_tables = [t[index] if v else t for t, v in zip(leaves, varies)]
-    return fn(jax.tree.unflatten(treedef, chunk_tables), *chunk_xs, *shared)
+    # Padding rows repeat the last query; their results are dropped below.
+    positions = jnp.minimum(index * chunk + jnp.arange(chunk), rows - 1)
+    return fn(_window_tables(spatial, nbhd, positions), *chunk_xs, *shared)
 
   outs = jax.lax.map(body, (jnp.arange(n_chunks), xs))
 
@@ -142,18 +151,38 @@ def _chunked(fn, nbhd: Neighborhood, per_query, shared, elements_per_row):
   return jax.tree.map(unchunk, outs)
 
 
+def _masked_lse(logits):
+  """Log-sum-exp over the window; ``-inf`` with zero gradients where every slot is masked."""
+  peak = jnp.max(logits, axis=-1, keepdims=True)
+  peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
+  total = jnp.sum(jnp.exp(logits - peak), axis=-1)
+  some = total > 0
+  return jnp.where(some, jnp.log(jnp.where(some, total, 1.0)) + peak[..., 0], -jnp.inf)
+
+
+def _softmax_weights(logits, lse):
+  """exp(logits - lse), 0 for a fully masked window."""
+  return jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+
+
 def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None):
-  """Fused neighborhood attention: ``(out, lse)``; natural-log lse in the accumulation dtype."""
+  """Fused neighborhood attention: ``(out, lse)``; natural-log lse in the accumulation dtype.
+
+  A fully masked window gives output 0 and lse ``-inf``. Inputs are cast to the
+  accumulation dtype first, so gradients also accumulate there.
+  """
   b, *spatial, heads, dim = query.shape
+  acc = _acc(query)
 
   def attend(tables, q, key, value, rpb):
     logits = _logits(q, key, tables, rpb, scale)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    out = _apply_weights(jnp.exp(logits - lse[..., None]), value, tables)
+    lse = _masked_lse(logits)
+    out = _apply_weights(_softmax_weights(logits, lse), value, tables)
     return out.astype(query.dtype), lse
 
   row = b * math.prod(spatial[1:]) * heads * nbhd.window_size * dim * 2
-  return _chunked(attend, nbhd, [query], [key, value, rpb], row)
+  return _chunked(attend, nbhd, [query.astype(acc)], [key.astype(acc), value.astype(acc), rpb],
+                  row)
 
 
 def na_qk(query, key, nbhd: Neighborhood, rpb=None):
@@ -164,18 +193,20 @@ def na_qk(query, key, nbhd: Neighborhood, rpb=None):
     return _logits(q, key, tables, rpb, 1.0).astype(query.dtype)
 
   row = b * math.prod(spatial[1:]) * heads * nbhd.window_size * dim
-  return _chunked(qk, nbhd, [query], [key, rpb], row)
+  acc = _acc(query)
+  return _chunked(qk, nbhd, [query.astype(acc)], [key.astype(acc), rpb], row)
 
 
 def na_av(attn, value, nbhd: Neighborhood):
   """Unfused ``attn · value`` over each window (masked slots ignored), in value dtype."""
   b, *spatial, heads, n = attn.shape
 
-  def av(tables, attn, value):
-    return _apply_weights(attn.astype(_acc(attn)), value, tables).astype(value.dtype)
+  def av(tables, attn, value_acc):
+    return _apply_weights(attn, value_acc, tables).astype(value.dtype)
 
   row = b * math.prod(spatial[1:]) * heads * n * value.shape[-1]
-  return _chunked(av, nbhd, [attn], [value], row)
+  acc = _acc(value)
+  return _chunked(av, nbhd, [attn.astype(acc)], [value.astype(acc)], row)
 
 
 def dense_attention(query, key, value, scale: float):
@@ -184,13 +215,11 @@ def dense_attention(query, key, value, scale: float):
   Used for NATTEN's additional key/value tokens, merged with the windowed part by lse.
   """
   b, *spatial, heads, dim = query.shape
-  kv_heads = key.shape[-2]
-  q = query.reshape(b, *spatial, kv_heads, heads // kv_heads, dim)
-  logits = jnp.einsum("b...hgd,bmhd->b...hgm", q, key, preferred_element_type=_acc(q))
-  logits = logits * scale
+  kv_heads, acc = key.shape[-2], _acc(query)
+  q = query.astype(acc).reshape(b, *spatial, kv_heads, heads // kv_heads, dim)
+  logits = _einsum("b...hgd,bmhd->b...hgm", q, key.astype(acc)) * scale
   lse = jax.nn.logsumexp(logits, axis=-1)
-  out = jnp.einsum("b...hgm,bmhd->b...hgd", jnp.exp(logits - lse[..., None]), value,
-                   preferred_element_type=_acc(q))
+  out = _einsum("b...hgm,bmhd->b...hgd", jnp.exp(logits - lse[..., None]), value.astype(acc))
   return (out.reshape(b, *spatial, heads, dim).astype(query.dtype),
           lse.reshape(b, *spatial, heads))
 
