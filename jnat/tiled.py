@@ -216,7 +216,7 @@ def _logits(q, k, bias, scale):
   return s + bias.reshape(units, 1, bias_heads // groups, groups, tile, halo)
 
 
-def _forward_units(q, k, v, bias, scale):
+def _forward_units(q, k, v, bias, *, scale):
   s = _logits(q, k, bias, scale)
   peak = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - peak)
@@ -228,7 +228,7 @@ def _forward_units(q, k, v, bias, scale):
   return out.astype(q.dtype), lse
 
 
-def _backward_units(q, k, v, bias, out, lse, dout, dlse, scale):
+def _backward_units(q, k, v, bias, out, lse, dout, dlse, *, scale):
   acc = _acc(q)
   s = _logits(q, k, bias, scale)
   p = jnp.exp(s - lse.reshape(s.shape[:-1] + (1,))).reshape(*q.shape[:-1], -1)
@@ -245,27 +245,45 @@ def _backward_units(q, k, v, bias, out, lse, dout, dlse, scale):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def attend_units(q, k, v, bias, scale):
+def _map_units(fn, chunk, arrays, pad_values):
+  """``fn`` over chunks of ``chunk`` units (axis 0 of every array), one chunk at a time, so
+  that the per-tile intermediates stay small (in cache on a CPU); outputs are re-joined."""
+  units = arrays[0].shape[0]
+  if chunk >= units:
+    return fn(*arrays)
+  n = -(-units // chunk)
+  padded = [jnp.pad(x, [(0, n * chunk - units)] + [(0, 0)] * (x.ndim - 1), constant_values=c)
+            for x, c in zip(arrays, pad_values)]
+  outs = jax.lax.map(lambda xs: fn(*xs), [x.reshape(n, chunk, *x.shape[1:]) for x in padded])
+  return jax.tree.map(lambda y: y.reshape(n * chunk, *y.shape[2:])[:units], outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def attend_units(q, k, v, bias, scale, chunk):
   """Softmax attention of every tile's queries over its block: ``(out, lse)``.
 
   q ``[U, B, Hkv, G*T, D]``; k, v ``[U, B, Hkv, W, D]``; bias ``[U, H or 1, T, W]``;
-  out like q; lse ``[U, B, Hkv, G*T]`` in the accumulation dtype.
+  out like q; lse ``[U, B, Hkv, G*T]`` in the accumulation dtype. Runs ``chunk`` units at a
+  time.
   """
-  return _forward_units(q, k, v, bias, scale)
+  return _map_units(functools.partial(_forward_units, scale=scale), chunk, (q, k, v, bias),
+                    (0,) * 4)
 
 
-def _attend_fwd(q, k, v, bias, scale):
-  out, lse = _forward_units(q, k, v, bias, scale)
+def _attend_fwd(q, k, v, bias, scale, chunk):
+  out, lse = attend_units(q, k, v, bias, scale, chunk)
   return (out, lse), (q, k, v, bias, out, lse)
 
 
-def _attend_bwd(scale, residuals, cotangents):
-  dout, dlse = cotangents
-  return _backward_units(*residuals, dout, dlse, scale)
+def _attend_bwd(scale, chunk, residuals, cotangents):
+  return _map_units(functools.partial(_backward_units, scale=scale), chunk,
+                    residuals + tuple(cotangents), (0,) * 8)
 
 
 attend_units.defvjp(_attend_fwd, _attend_bwd)
+
+# Logit elements per chunk of units (each a float32 or wider).
+CHUNK_ELEMENTS = 1 << 20
 
 
 def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None, tile=None):
@@ -275,8 +293,9 @@ def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None, ti
   units, b, heads, t, dim = q.shape
   k, v = key_blocks(key, tilings), key_blocks(value, tilings)
   kv_heads = k.shape[2]
+  chunk = max(1, CHUNK_ELEMENTS // (b * heads * t * k.shape[3]))
   out, lse = attend_units(q.reshape(units, b, kv_heads, -1, dim), k, v,
-                          tile_bias(rpb, tilings, _acc(query)), scale)
+                          tile_bias(rpb, tilings, _acc(query)), scale, chunk)
   return (untile_queries(out.reshape(q.shape), tilings),
           untile_queries(lse.reshape(q.shape[:-1]), tilings))
 
