@@ -110,7 +110,7 @@ __device__ __forceinline__ void LoadRows(uint16_t* dst, const uint16_t* src,
 }
 
 template <typename T, int HD>
-__global__ void __launch_bounds__(32 * kTileWarps) FwdMmaKernel(FwdTileArgs a) {
+__global__ void __launch_bounds__(32 * kTileWarps, FwdMinBlocks(HD)) FwdMmaKernel(FwdTileArgs a) {
   static_assert(kTileQueries == kTileKeys, "row-offset staging assumes equal tile heights");
   constexpr int kLd = HD + kSmemPad;
   constexpr int kKSteps = HD / 16;    // k-steps of Q.K^T
