@@ -30,6 +30,12 @@ constexpr int HeadDimBucket(int64_t dim) {
   return dim <= 0 ? 0 : dim <= 32 ? 32 : dim <= 64 ? 64 : dim <= 128 ? 128 : 0;
 }
 
+// Head-dim buckets of the tensor-core backward: beyond 64, its two kernels' fragments and
+// accumulators (q, dout and dq; k, v, dk and dv) no longer fit the registers of two blocks.
+constexpr int BwdHeadDimBucket(int64_t dim) {
+  return dim <= 0 ? 0 : dim <= 32 ? 32 : dim <= 64 ? 64 : 0;
+}
+
 constexpr int SmemBytes(int head_dim) {
   return 2 * kTileKeys * (head_dim + kSmemPad) * 2 + kTileKeys * 4 * 4 + kTileKeys * 8;
 }
