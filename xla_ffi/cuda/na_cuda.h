@@ -41,6 +41,15 @@ cudaError_t LaunchNaBackward(const NaDims& s, int dtype, const void* q, const vo
                              const float* delta, float scale, void* dq, void* dk, void* dv,
                              float* drpb, void* scratch, cudaStream_t stream);
 
+// The tensor-core fused backward (bfloat16 / float16, head_dim <= 64, no rpb), selected by
+// the handler only on request (JNAT_CUDA_TC_BWD=1) while it awaits validation on a GPU;
+// LaunchNaBackward stays the default.
+bool NaBackwardMmaApplies(const NaDims& s, int dtype, bool has_rpb);
+cudaError_t LaunchNaBackwardMma(const NaDims& s, int dtype, const void* q, const void* k,
+                                const void* v, const void* dout, const float* lse,
+                                const float* delta, float scale, void* dq, void* dk, void* dv,
+                                cudaStream_t stream);
+
 // attn = q.k + rpb (no scale), -inf at masked slots; attn has q's dtype.
 cudaError_t LaunchNaQK(const NaDims& s, int dtype, const void* q, const void* k,
                        const float* rpb, void* attn, cudaStream_t stream);

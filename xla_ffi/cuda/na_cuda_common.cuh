@@ -56,19 +56,23 @@ __device__ __forceinline__ AxisWindow AxisWindowOf(const NaDims& s, int a, int64
   return QueryWindow(i, s.length[a], s.kernel[a], s.stride[a], s.dilation[a], s.causal[a] != 0);
 }
 
-// Slot of key position `kp` in window `w` along one axis, or -1 when the key is not in it.
-__device__ __forceinline__ int64_t SlotOf(const AxisWindow& w, int64_t kp) {
-  if (kp < w.first) return -1;
-  const int64_t off = kp - w.first;
-  if (off % w.step != 0) return -1;
-  const int64_t n = off / w.step;
-  return n < w.count ? n : -1;
+// Slot of the key at group coordinate kg in the window of the query at group coordinate ig
+// of the same dilation group (of length lg) along axis a, or -1 when the key is not in it;
+// *rpb0 gets the window's rpb index of slot 0. AxisWindowOf's window, without its 64-bit
+// divisions (query and key share the group, so the slot is kg - start).
+__device__ __forceinline__ int64_t GroupSlot(const NaDims& s, int a, int64_t ig, int64_t kg,
+                                             int64_t lg, int64_t* rpb0) {
+  const bool causal = s.causal[a] != 0;
+  const int64_t start = WindowStart(ig, lg, s.kernel[a], s.stride[a], causal);
+  const int64_t n = kg - start;
+  *rpb0 = RpbIndex(start, ig, s.kernel[a]);
+  return n >= 0 && n < WindowCount(ig, start, s.kernel[a], causal) ? n : -1;
 }
 
 // Along one axis, the group indices [lo, hi] of the queries whose window holds key position
 // kp (lo > hi: none). Window starts are monotone in the query, so this set is contiguous; its
 // members are within K + S of the key (see na_index.h), which bounds the scan. Callers still
-// test membership with SlotOf, so only the superset property matters for correctness.
+// test membership per query, so only the superset property matters for correctness.
 __device__ __forceinline__ void InverseRange(const NaDims& s, int a, int64_t kp, int64_t* lo,
                                              int64_t* hi) {
   const int64_t d = s.dilation[a], g = kp % d, kg = kp / d;
@@ -79,17 +83,12 @@ __device__ __forceinline__ void InverseRange(const NaDims& s, int a, int64_t kp,
   *lo = last + 1;
   *hi = first - 1;
   for (int64_t ig = first; ig <= last; ++ig) {
-    if (SlotOf(AxisWindowOf(s, a, g + ig * d), kp) >= 0) {
+    int64_t rpb0;
+    if (GroupSlot(s, a, ig, kg, lg, &rpb0) >= 0) {
       if (ig < *lo) *lo = ig;
       *hi = ig;
     }
   }
-}
-
-// Rpb offset (within one head) of slot (n0, n1, n2) of windows w.
-__device__ __forceinline__ int64_t RpbOffset(const NaDims& s, const AxisWindow* w, int64_t n0,
-                                             int64_t n1, int64_t n2) {
-  return ((w[0].rpb0 + n0) * s.rpb_extent[1] + w[1].rpb0 + n1) * s.rpb_extent[2] + w[2].rpb0 + n2;
 }
 
 }  // namespace jnat::cuda

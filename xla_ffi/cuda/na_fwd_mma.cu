@@ -17,65 +17,11 @@
 
 #include "cuda/na_cuda.h"
 #include "cuda/na_cuda_common.cuh"
+#include "cuda/na_mma.cuh"
 #include "cuda/tile_config.h"
 
 namespace jnat::cuda {
 namespace {
-
-template <typename T>
-struct Mma;
-
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void Run(float* c, const uint32_t* a, uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ uint16_t Bits(float x) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-  }
-};
-
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ void Run(float* c, const uint32_t* a, uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ uint16_t Bits(float x) {
-    return __half_as_ushort(__float2half_rn(x));
-  }
-};
-
-__device__ __forceinline__ void Ldmatrix4(uint32_t* r, const uint16_t* p) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void Ldmatrix4Trans(uint32_t* r, const uint16_t* p) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
 
 struct FwdTileArgs {
   NaDims s;
@@ -88,29 +34,8 @@ struct FwdTileArgs {
   int vec;  // rows are 16-byte aligned with head_dim % 8 == 0: 16-byte copies
 };
 
-// Copies 64 rows of HD elements (row r from src + row_off[r]; none when row_off[r] < 0) into
-// padded shared rows, zero-filling missing rows and dims >= D.
-template <int HD>
-__device__ __forceinline__ void LoadRows(uint16_t* dst, const uint16_t* src,
-                                         const int64_t* row_off, int64_t D, bool vec) {
-  constexpr int kChunks = HD / 8, kLd = HD + kSmemPad;
-  for (int idx = threadIdx.x; idx < kTileKeys * kChunks; idx += blockDim.x) {
-    const int r = idx / kChunks, d = (idx % kChunks) * 8;
-    const int64_t off = row_off[r];
-    uint16_t* to = dst + r * kLd + d;
-    if (vec) {
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (off >= 0 && d < D) val = *reinterpret_cast<const uint4*>(src + off + d);
-      *reinterpret_cast<uint4*>(to) = val;
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) to[e] = (off >= 0 && d + e < D) ? src[off + d + e] : uint16_t{0};
-    }
-  }
-}
-
 template <typename T, int HD>
-__global__ void __launch_bounds__(32 * kTileWarps) FwdMmaKernel(FwdTileArgs a) {
+__global__ void __launch_bounds__(32 * kTileWarps, FwdMinBlocks(HD)) FwdMmaKernel(FwdTileArgs a) {
   static_assert(kTileQueries == kTileKeys, "row-offset staging assumes equal tile heights");
   constexpr int kLd = HD + kSmemPad;
   constexpr int kKSteps = HD / 16;    // k-steps of Q.K^T
@@ -130,52 +55,20 @@ __global__ void __launch_bounds__(32 * kTileWarps) FwdMmaKernel(FwdTileArgs a) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t D = s.dim, H = s.heads, N = s.tokens;
 
-  // This block's box: group, first group index and query count per axis; then its halo.
-  int64_t tc[3];
-  tc[2] = blockIdx.x % tile.count[2];
-  tc[1] = (blockIdx.x / tile.count[2]) % tile.count[1];
-  tc[0] = blockIdx.x / (tile.count[2] * tile.count[1]);
-  int64_t grp[3], c0[3], lo[3], ext[3];
-  int nq[3];
-#pragma unroll
-  for (int ax = 0; ax < 3; ++ax) {
-    grp[ax] = tc[ax] / tile.per_group[ax];
-    c0[ax] = (tc[ax] % tile.per_group[ax]) * tile.t[ax];
-    const int64_t lg = GroupLength(s.length[ax], s.dilation[ax], grp[ax]);
-    const int64_t left = lg - c0[ax];
-    nq[ax] = left < tile.t[ax] ? static_cast<int>(left) : tile.t[ax];
-    int64_t first = LLONG_MAX, end = LLONG_MIN;
-    for (int j = 0; j < nq[ax]; ++j) {
-      const int64_t st = WindowStart(c0[ax] + j, lg, s.kernel[ax], s.stride[ax], s.causal[ax] != 0);
-      first = st < first ? st : first;
-      end = st + s.kernel[ax] > end ? st + s.kernel[ax] : end;
-    }
-    lo[ax] = first;
-    ext[ax] = end - first;
-  }
-  if (nq[0] <= 0 || nq[1] <= 0 || nq[2] <= 0) return;  // an empty box (short dilation group)
+  const TileBox bx = MakeTileBox(s, tile, blockIdx.x);
+  if (bx.empty()) return;  // a box past a short dilation group's end
+  const int64_t* grp = bx.grp;
+  const int64_t *lo = bx.lo, *ext = bx.ext;
   const int64_t halo = ext[0] * ext[1] * ext[2];
   const int64_t steps = (halo + kTileKeys - 1) / kTileKeys;
   const unsigned r12 = static_cast<unsigned>(s.rpb_extent[1] * s.rpb_extent[2]);
   const unsigned r2 = static_cast<unsigned>(s.rpb_extent[2]);
-  const int box = tile.t[0] * tile.t[1] * tile.t[2];
 
   for (int64_t bh = blockIdx.y; bh < s.batch * H; bh += gridDim.y) {
     const int64_t b = bh / H, h = bh % H, hk = h / s.group;
     const float* rpb_h = a.rpb != nullptr ? a.rpb + h * s.rpb_size : nullptr;
 
-    // Query rows: row r is box position (j0, j1, j2), row-major in the box.
-    auto query_of = [&](int r, int64_t* pos) -> bool {
-      const int j2 = r % tile.t[2], j1 = (r / tile.t[2]) % tile.t[1], j0 = r / (tile.t[2] * tile.t[1]);
-      const int j[3] = {j0, j1, j2};
-      bool valid = r < box;
-#pragma unroll
-      for (int ax = 0; ax < 3; ++ax) {
-        valid = valid && j[ax] < nq[ax];
-        pos[ax] = grp[ax] + (c0[ax] + j[ax]) * s.dilation[ax];
-      }
-      return valid;
-    };
+    auto query_of = [&](int r, int64_t* pos) { return bx.Row(s, tile, r, pos); };
 
     __syncthreads();  // the previous (batch, head) is done with shared memory
     if (tid < kTileQueries) {

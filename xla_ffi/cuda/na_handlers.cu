@@ -8,6 +8,8 @@
 // take workspace from XLA's scratch allocator.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "common/na_bindings.h"
@@ -64,6 +66,12 @@ ffi::Error Scratch(const char* op, ffi::ScratchAllocator& alloc, size_t bytes, v
   return ffi::Error::Success();
 }
 
+// JNAT_CUDA_TC_BWD=1 opts into the tensor-core backward where it applies (na_cuda.h).
+bool TensorCoreBackwardRequested() {
+  const char* v = std::getenv("JNAT_CUDA_TC_BWD");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
 const float* RpbOrNull(const NaParams& p, const ffi::AnyBuffer& rpb) {
   return p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
 }
@@ -95,6 +103,15 @@ ffi::Error NaBwdDispatch(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
   JNAT_PARAMS_CHECK(DecodeNaBwd(q, k, v, rpb, dout, lse, delta, *dq, *dk, *dv, *drpb,
                                 {kernel_size, stride, dilation, is_causal}, scale, &p));
   const NaDims s = MakeDims(p);
+  if (TensorCoreBackwardRequested() && NaBackwardMmaApplies(s, DtypeCode(p.dtype), p.has_rpb)) {
+    return Launched("jnat_na_bwd",
+                    LaunchNaBackwardMma(s, DtypeCode(p.dtype), q.untyped_data(), k.untyped_data(),
+                                        v.untyped_data(), dout.untyped_data(),
+                                        static_cast<const float*>(lse.untyped_data()),
+                                        static_cast<const float*>(delta.untyped_data()), p.scale,
+                                        dq->untyped_data(), dk->untyped_data(),
+                                        dv->untyped_data(), stream));
+  }
   void* work = nullptr;
   JNAT_PARAMS_CHECK(Scratch("jnat_na_bwd", scratch, DrpbScratchBytes(s, p.has_rpb), &work));
   return Launched(

@@ -22,6 +22,9 @@ namespace {
 
 constexpr int kWarps = 8;  // warps per block
 constexpr int kThreads = 32 * kWarps;
+// Two resident blocks per SM: a 128-register cap, stated so that ptxas neither spills to
+// reach a higher occupancy of its own choosing nor drops to one block per SM.
+constexpr int kMinBlocks = 2;
 constexpr int kLaneDims = 8;  // register-held dims per lane and pass
 constexpr int kPassDims = 32 * kLaneDims;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // grid-stride loops cover the rest
@@ -40,18 +43,22 @@ int BlocksForWarps(int64_t warps) {
   return static_cast<int>(blocks < 1 ? 1 : blocks);
 }
 
-// Lane-held part of a row: dims lane + 32 j (j < kLaneDims) of the first pass.
+// Lane-held part of a row: dims lane + 32 j (j < kLaneDims) of the first pass, dim
+// lane + 32 j at r[j * kStride] (registers: 1; a warp's row in shared memory: 32, from
+// r = row + lane, so lanes hit distinct banks).
+template <int kStride = 1>
 __device__ __forceinline__ void LoadLaneRow(const void* p, int64_t row, int64_t D, int dt,
                                             int lane, float* r) {
 #pragma unroll
   for (int j = 0; j < kLaneDims; ++j) {
     const int64_t d = lane + 32 * j;
-    r[j] = d < D ? LoadF(p, row + d, dt) : 0.0f;
+    r[j * kStride] = d < D ? LoadF(p, row + d, dt) : 0.0f;
   }
 }
 
-// This lane's share of x . y where x is lane-held (xr) and y is at y[row]. Dims beyond the
-// first pass are read from x[xrow] directly.
+// This lane's share of x . y where x is lane-held (xr, laid out as LoadLaneRow<kStride>
+// writes it) and y is at y[row]. Dims beyond the first pass are read from x[xrow] directly.
+template <int kStride = 1>
 __device__ __forceinline__ float LaneDot(const float* xr, const void* x, int64_t xrow,
                                          const void* y, int64_t yrow, int64_t D, int dt,
                                          int lane) {
@@ -59,7 +66,7 @@ __device__ __forceinline__ float LaneDot(const float* xr, const void* x, int64_t
 #pragma unroll
   for (int j = 0; j < kLaneDims; ++j) {
     const int64_t d = lane + 32 * j;
-    if (d < D) part += xr[j] * LoadF(y, yrow + d, dt);
+    if (d < D) part += xr[j * kStride] * LoadF(y, yrow + d, dt);
   }
   for (int64_t d = kPassDims + lane; d < D; d += 32) {
     part += LoadF(x, xrow + d, dt) * LoadF(y, yrow + d, dt);
@@ -72,16 +79,20 @@ __device__ __forceinline__ int64_t KeyRow(const NaDims& s, int64_t b, int64_t ke
   return ((b * s.tokens + key) * s.kv_heads + hk) * s.dim;
 }
 
-// Walks the valid slots of a query's window: f(n0, n1, n2, slot, key token).
+// Walks the valid slots of a query's window: f(slot, key token, rpb offset within a head).
+// Slot, token and rpb offset are row-major over the three axes, built up axis by axis.
 template <typename F>
 __device__ __forceinline__ void ForEachSlot(const NaDims& s, const AxisWindow* w, F&& f) {
   for (int64_t n0 = 0; n0 < w[0].count; ++n0) {
     const int64_t p0 = w[0].first + n0 * w[0].step;
+    const int64_t r0 = (w[0].rpb0 + n0) * s.rpb_extent[1] + w[1].rpb0;
     for (int64_t n1 = 0; n1 < w[1].count; ++n1) {
       const int64_t p1 = w[1].first + n1 * w[1].step;
       const int64_t row = (p0 * s.length[1] + p1) * s.length[2];
+      const int64_t slot01 = (n0 * s.kernel[1] + n1) * s.kernel[2];
+      const int64_t r01 = (r0 + n1) * s.rpb_extent[2] + w[2].rpb0;
       for (int64_t n2 = 0; n2 < w[2].count; ++n2) {
-        f(n0, n1, n2, (n0 * s.kernel[1] + n1) * s.kernel[2] + n2, row + w[2].first + n2 * w[2].step);
+        f(slot01 + n2, row + w[2].first + n2 * w[2].step, r01 + n2);
       }
     }
   }
@@ -96,7 +107,7 @@ __device__ __forceinline__ void QueryWindows(const NaDims& s, int64_t token, Axi
 // ---------------------------------------------------------------------------------------------
 // Fused forward, one warp per (batch, token, head), online softmax over the window.
 
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     FwdSimtKernel(NaDims s, int dt, const void* q, const void* k, const void* v, const float* rpb,
                   float scale, void* out, float* lse) {
   const int lane = threadIdx.x & 31;
@@ -115,10 +126,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < kLaneDims; ++j) acc[j] = 0.0f;
       float m = -INFINITY, l = 0.0f;
-      ForEachSlot(s, w, [&](int64_t n0, int64_t n1, int64_t n2, int64_t, int64_t key) {
+      ForEachSlot(s, w, [&](int64_t, int64_t key, int64_t roff) {
         const int64_t krow = KeyRow(s, b, key, hk);
         float x = WarpSum(LaneDot(qr, q, qrow, k, krow, D, dt, lane)) * scale;
-        if (rpb_h != nullptr) x += rpb_h[RpbOffset(s, w, n0, n1, n2)];
+        if (rpb_h != nullptr) x += rpb_h[roff];
         const float m_new = fmaxf(m, x);
         const float corr = expf(m - m_new);
         const float p = expf(x - m_new);
@@ -161,7 +172,9 @@ struct BwdQueryArgs {
 
 // Blocks are (head, chunk of chunk_len (batch, token) rows); warp w takes rows w, w + 8, ...
 // of its block's chunk in order and adds its ds into its own partial row (lane 0 only).
-__global__ void __launch_bounds__(kThreads) BwdQueryKernel(BwdQueryArgs a) {
+// The dtype is a template parameter, as for KeyMajorKernel (see there).
+template <int kDt>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) BwdQueryKernel(BwdQueryArgs a) {
   extern __shared__ float shared_partial[];  // [kWarps][RR] in smem mode
   const NaDims& s = a.s;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -186,8 +199,8 @@ __global__ void __launch_bounds__(kThreads) BwdQueryKernel(BwdQueryArgs a) {
       float qr[kLaneDims], dor[kLaneDims];
       float lse_q = 0.0f, delta_q = 0.0f;
       if (fused) {
-        LoadLaneRow(a.q, qrow, D, a.dt, lane, qr);
-        LoadLaneRow(a.dout, qrow, D, a.dt, lane, dor);
+        LoadLaneRow(a.q, qrow, D, kDt, lane, qr);
+        LoadLaneRow(a.dout, qrow, D, kDt, lane, dor);
         lse_q = a.lse[qi];
         delta_q = a.delta[qi];
       }
@@ -195,14 +208,14 @@ __global__ void __launch_bounds__(kThreads) BwdQueryKernel(BwdQueryArgs a) {
         float dq[kLaneDims];
 #pragma unroll
         for (int j = 0; j < kLaneDims; ++j) dq[j] = 0.0f;
-        ForEachSlot(s, w, [&](int64_t n0, int64_t n1, int64_t n2, int64_t slot, int64_t key) {
+        ForEachSlot(s, w, [&](int64_t slot, int64_t key, int64_t roff) {
           const int64_t krow = KeyRow(s, b, key, hk);
           float ds;
           if (fused) {
-            const float kd = WarpSum(LaneDot(qr, a.q, qrow, a.k, krow, D, a.dt, lane));
-            const float vd = WarpSum(LaneDot(dor, a.dout, qrow, a.v, krow, D, a.dt, lane));
+            const float kd = WarpSum(LaneDot(qr, a.q, qrow, a.k, krow, D, kDt, lane));
+            const float vd = WarpSum(LaneDot(dor, a.dout, qrow, a.v, krow, D, kDt, lane));
             float x = kd * a.scale;
-            if (rpb_h != nullptr) x += rpb_h[RpbOffset(s, w, n0, n1, n2)];
+            if (rpb_h != nullptr) x += rpb_h[roff];
             ds = expf(x - lse_q) * (vd - delta_q);
           } else {
             ds = LoadF(a.dattn, qi * KK + slot, a.adt);
@@ -210,15 +223,15 @@ __global__ void __launch_bounds__(kThreads) BwdQueryKernel(BwdQueryArgs a) {
 #pragma unroll
           for (int j = 0; j < kLaneDims; ++j) {
             const int64_t d = d0 + lane + 32 * j;
-            if (d < D) dq[j] += ds * LoadF(a.k, krow + d, a.dt);
+            if (d < D) dq[j] += ds * LoadF(a.k, krow + d, kDt);
           }
-          if (d0 == 0 && acc != nullptr && lane == 0) acc[RpbOffset(s, w, n0, n1, n2)] += ds;
+          if (d0 == 0 && acc != nullptr && lane == 0) acc[roff] += ds;
         });
         const float out_scale = fused ? a.scale : 1.0f;
 #pragma unroll
         for (int j = 0; j < kLaneDims; ++j) {
           const int64_t d = d0 + lane + 32 * j;
-          if (d < D) StoreF(a.dq, qrow + d, dq[j] * out_scale, a.dt);
+          if (d < D) StoreF(a.dq, qrow + d, dq[j] * out_scale, kDt);
         }
       }
     }
@@ -266,53 +279,69 @@ struct KeyArgs {
   void *out1, *out2;
 };
 
-__global__ void __launch_bounds__(kThreads) KeyMajorKernel(KeyArgs a) {
+// Mode and dtype are template parameters: the unfused modes carry none of the fused mode's
+// state, and loads need no per-element dtype switch. With the fused mode's k and v rows in
+// shared memory (read once per query, conflict-free), every mode fits kMinBlocks' cap.
+template <int kMode, int kDt>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) KeyMajorKernel(KeyArgs a) {
+  constexpr bool fused = kMode == kKeyFused;
+  __shared__ float kv_rows[fused ? kWarps * 2 * kPassDims : 1];
   const NaDims& s = a.s;
   const int lane = threadIdx.x & 31;
+  float* kr = kv_rows + (threadIdx.x >> 5) * 2 * kPassDims + lane;  // the warp's k row
+  float* vr = kr + kPassDims;                                        // and its v row
   const int64_t D = s.dim, H = s.heads, N = s.tokens, KK = s.window, G = s.group;
   const int64_t total = s.batch * N * s.kv_heads;
-  const bool fused = a.mode == kKeyFused;
   for (int64_t ki = GridWarp(); ki < total; ki += GridWarps()) {
     const int64_t hk = ki % s.kv_heads, b = ki / s.kv_heads / N, t = (ki / s.kv_heads) % N;
     const int64_t krow = ki * D;
     const Coord3 kp = TokenCoord(s, t);
-    int64_t lo[3], hi[3];
+    // Per axis: the key's dilation group, its group coordinate and the group's length, and the
+    // group coordinates [lo, hi] of the candidate queries (all in the key's group).
+    int64_t grp[3], kg[3], lg[3], lo[3], hi[3];
 #pragma unroll
-    for (int ax = 0; ax < 3; ++ax) InverseRange(s, ax, kp.i[ax], &lo[ax], &hi[ax]);
-    float kr[kLaneDims], vr[kLaneDims];
+    for (int ax = 0; ax < 3; ++ax) {
+      grp[ax] = kp.i[ax] % s.dilation[ax];
+      kg[ax] = kp.i[ax] / s.dilation[ax];
+      lg[ax] = GroupLength(s.length[ax], s.dilation[ax], grp[ax]);
+      InverseRange(s, ax, kp.i[ax], &lo[ax], &hi[ax]);
+    }
     if (fused) {
-      LoadLaneRow(a.k, krow, D, a.dt, lane, kr);
-      LoadLaneRow(a.v, krow, D, a.dt, lane, vr);
+      __syncwarp();  // the previous key's rows are consumed
+      LoadLaneRow<32>(a.k, krow, D, kDt, lane, kr);
+      LoadLaneRow<32>(a.v, krow, D, kDt, lane, vr);
     }
     for (int64_t d0 = 0; d0 < D || d0 == 0; d0 += kPassDims) {
       float acc1[kLaneDims], acc2[kLaneDims];
 #pragma unroll
       for (int j = 0; j < kLaneDims; ++j) acc1[j] = acc2[j] = 0.0f;
-      AxisWindow w[3];
+      // Query row, window slot and rpb offset are built up axis by axis, as in ForEachSlot.
       for (int64_t ig0 = lo[0]; ig0 <= hi[0]; ++ig0) {
-        const int64_t i0 = kp.i[0] % s.dilation[0] + ig0 * s.dilation[0];
-        w[0] = AxisWindowOf(s, 0, i0);
-        const int64_t n0 = SlotOf(w[0], kp.i[0]);
+        int64_t rpb0;
+        const int64_t n0 = GroupSlot(s, 0, ig0, kg[0], lg[0], &rpb0);
         if (n0 < 0) continue;
+        const int64_t i0 = grp[0] + ig0 * s.dilation[0];
+        const int64_t r0 = (rpb0 + n0) * s.rpb_extent[1];
         for (int64_t ig1 = lo[1]; ig1 <= hi[1]; ++ig1) {
-          const int64_t i1 = kp.i[1] % s.dilation[1] + ig1 * s.dilation[1];
-          w[1] = AxisWindowOf(s, 1, i1);
-          const int64_t n1 = SlotOf(w[1], kp.i[1]);
+          const int64_t n1 = GroupSlot(s, 1, ig1, kg[1], lg[1], &rpb0);
           if (n1 < 0) continue;
+          const int64_t i1 = grp[1] + ig1 * s.dilation[1];
+          // (batch, token) row of the query at i2 = grp[2] + ig2 * dilation: row01 + ig2 * dilation
+          const int64_t row01 = b * N + (i0 * s.length[1] + i1) * s.length[2] + grp[2];
+          const int64_t slot01 = (n0 * s.kernel[1] + n1) * s.kernel[2];
+          const int64_t r01 = (r0 + rpb0 + n1) * s.rpb_extent[2];
           for (int64_t ig2 = lo[2]; ig2 <= hi[2]; ++ig2) {
-            const int64_t i2 = kp.i[2] % s.dilation[2] + ig2 * s.dilation[2];
-            w[2] = AxisWindowOf(s, 2, i2);
-            const int64_t n2 = SlotOf(w[2], kp.i[2]);
+            const int64_t n2 = GroupSlot(s, 2, ig2, kg[2], lg[2], &rpb0);
             if (n2 < 0) continue;
-            const int64_t qt = (i0 * s.length[1] + i1) * s.length[2] + i2;
-            const int64_t slot = (n0 * s.kernel[1] + n1) * s.kernel[2] + n2;
-            const int64_t roff = a.rpb != nullptr ? RpbOffset(s, w, n0, n1, n2) : 0;
+            const int64_t qrow_bt = row01 + ig2 * s.dilation[2];
+            const int64_t slot = slot01 + n2;
+            const int64_t roff = r01 + rpb0 + n2;
             for (int64_t gh = 0; gh < G; ++gh) {
-              const int64_t h = hk * G + gh, qi = (b * N + qt) * H + h, qrow = qi * D;
+              const int64_t h = hk * G + gh, qi = qrow_bt * H + h, qrow = qi * D;
               float w1, w2 = 0.0f;
               if (fused) {
-                const float kd = WarpSum(LaneDot(kr, a.k, krow, a.x, qrow, D, a.dt, lane));
-                const float vd = WarpSum(LaneDot(vr, a.v, krow, a.dout, qrow, D, a.dt, lane));
+                const float kd = WarpSum(LaneDot<32>(kr, a.k, krow, a.x, qrow, D, kDt, lane));
+                const float vd = WarpSum(LaneDot<32>(vr, a.v, krow, a.dout, qrow, D, kDt, lane));
                 float xl = kd * a.scale;
                 if (a.rpb != nullptr) xl += a.rpb[h * s.rpb_size + roff];
                 w2 = expf(xl - a.lse[qi]);
@@ -324,8 +353,8 @@ __global__ void __launch_bounds__(kThreads) KeyMajorKernel(KeyArgs a) {
               for (int j = 0; j < kLaneDims; ++j) {
                 const int64_t d = d0 + lane + 32 * j;
                 if (d < D) {
-                  acc1[j] += w1 * LoadF(a.x, qrow + d, a.dt);
-                  if (fused) acc2[j] += w2 * LoadF(a.dout, qrow + d, a.dt);
+                  acc1[j] += w1 * LoadF(a.x, qrow + d, kDt);
+                  if (fused) acc2[j] += w2 * LoadF(a.dout, qrow + d, kDt);
                 }
               }
             }
@@ -336,8 +365,8 @@ __global__ void __launch_bounds__(kThreads) KeyMajorKernel(KeyArgs a) {
       for (int j = 0; j < kLaneDims; ++j) {
         const int64_t d = d0 + lane + 32 * j;
         if (d < D) {
-          StoreF(a.out1, krow + d, acc1[j], a.dt);
-          if (fused) StoreF(a.out2, krow + d, acc2[j], a.dt);
+          StoreF(a.out1, krow + d, acc1[j], kDt);
+          if (fused) StoreF(a.out2, krow + d, acc2[j], kDt);
         }
       }
     }
@@ -348,7 +377,7 @@ __global__ void __launch_bounds__(kThreads) KeyMajorKernel(KeyArgs a) {
 // Unfused query-major kernels. Slot n of a row is written by lane n % 32 (the masked-slot
 // fill too), so no two lanes ever write one element.
 
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     QKKernel(NaDims s, int dt, const void* q, const void* k, const float* rpb, void* attn) {
   const int lane = threadIdx.x & 31;
   const int64_t D = s.dim, H = s.heads, N = s.tokens, KK = s.window;
@@ -364,15 +393,15 @@ __global__ void __launch_bounds__(kThreads)
     float qr[kLaneDims];
     LoadLaneRow(q, qrow, D, dt, lane, qr);
     const float* rpb_h = rpb != nullptr ? rpb + h * s.rpb_size : nullptr;
-    ForEachSlot(s, w, [&](int64_t n0, int64_t n1, int64_t n2, int64_t slot, int64_t key) {
+    ForEachSlot(s, w, [&](int64_t slot, int64_t key, int64_t roff) {
       float x = WarpSum(LaneDot(qr, q, qrow, k, KeyRow(s, b, key, hk), D, dt, lane));
-      if (rpb_h != nullptr) x += rpb_h[RpbOffset(s, w, n0, n1, n2)];
+      if (rpb_h != nullptr) x += rpb_h[roff];
       if (lane == slot % 32) StoreF(attn, arow + slot, x, dt);
     });
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     AVKernel(NaDims s, int dt, int adt, const void* attn, const void* v, void* out) {
   const int lane = threadIdx.x & 31;
   const int64_t D = s.dim, H = s.heads, N = s.tokens, KK = s.window;
@@ -386,7 +415,7 @@ __global__ void __launch_bounds__(kThreads)
       float acc[kLaneDims];
 #pragma unroll
       for (int j = 0; j < kLaneDims; ++j) acc[j] = 0.0f;
-      ForEachSlot(s, w, [&](int64_t, int64_t, int64_t, int64_t slot, int64_t key) {
+      ForEachSlot(s, w, [&](int64_t slot, int64_t key, int64_t) {
         const float wt = LoadF(attn, arow + slot, adt);
         const int64_t vrow = KeyRow(s, b, key, hk);
 #pragma unroll
@@ -405,7 +434,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // dattn[slot] = dout . v_slot, 0 at masked slots.
-__global__ void __launch_bounds__(kThreads) AVBwdQueryKernel(NaDims s, int dt, int adt,
+__global__ void __launch_bounds__(kThreads, kMinBlocks) AVBwdQueryKernel(NaDims s, int dt, int adt,
                                                              const void* v, const void* dout,
                                                              void* dattn) {
   const int lane = threadIdx.x & 31;
@@ -421,7 +450,7 @@ __global__ void __launch_bounds__(kThreads) AVBwdQueryKernel(NaDims s, int dt, i
     }
     float dor[kLaneDims];
     LoadLaneRow(dout, qrow, D, dt, lane, dor);
-    ForEachSlot(s, w, [&](int64_t, int64_t, int64_t, int64_t slot, int64_t key) {
+    ForEachSlot(s, w, [&](int64_t slot, int64_t key, int64_t) {
       const float x = WarpSum(LaneDot(dor, dout, qrow, v, KeyRow(s, b, key, hk), D, dt, lane));
       if (lane == slot % 32) StoreF(dattn, arow + slot, x, adt);
     });
@@ -476,7 +505,12 @@ cudaError_t LaunchBwdQuery(BwdQueryArgs a, cudaStream_t stream, float* drpb) {
   int64_t blocks = a.chunks * s.heads;
   if (blocks > kMaxBlocks) blocks = kMaxBlocks;
   if (s.batch * s.tokens > 0 && s.heads > 0) {
-    BwdQueryKernel<<<static_cast<int>(blocks), kThreads, smem, stream>>>(a);
+    const int grid = static_cast<int>(blocks);
+    switch (a.dt) {
+      case 1: BwdQueryKernel<1><<<grid, kThreads, smem, stream>>>(a); break;
+      case 2: BwdQueryKernel<2><<<grid, kThreads, smem, stream>>>(a); break;
+      default: BwdQueryKernel<0><<<grid, kThreads, smem, stream>>>(a); break;
+    }
   }
   if (drpb != nullptr) {
     const int64_t n = s.heads * s.rpb_size;
@@ -494,9 +528,25 @@ cudaError_t LaunchBwdQuery(BwdQueryArgs a, cudaStream_t stream, float* drpb) {
   return cudaGetLastError();
 }
 
+template <int kMode>
+void LaunchKeyMajorMode(const KeyArgs& a, int blocks, cudaStream_t stream) {
+  switch (a.dt) {
+    case 1: KeyMajorKernel<kMode, 1><<<blocks, kThreads, 0, stream>>>(a); break;
+    case 2: KeyMajorKernel<kMode, 2><<<blocks, kThreads, 0, stream>>>(a); break;
+    default: KeyMajorKernel<kMode, 0><<<blocks, kThreads, 0, stream>>>(a); break;
+  }
+}
+
 cudaError_t LaunchKeyMajor(const KeyArgs& a, cudaStream_t stream) {
   const int64_t warps = a.s.batch * a.s.tokens * a.s.kv_heads;
-  if (warps > 0) KeyMajorKernel<<<BlocksForWarps(warps), kThreads, 0, stream>>>(a);
+  if (warps > 0) {
+    const int blocks = BlocksForWarps(warps);
+    switch (a.mode) {
+      case kKeyFused: LaunchKeyMajorMode<kKeyFused>(a, blocks, stream); break;
+      case kKeyQK: LaunchKeyMajorMode<kKeyQK>(a, blocks, stream); break;
+      default: LaunchKeyMajorMode<kKeyAV>(a, blocks, stream); break;
+    }
+  }
   return cudaGetLastError();
 }
 

@@ -19,9 +19,21 @@ constexpr int kTileKeys = 64;
 // in different banks.
 constexpr int kSmemPad = 8;
 
+// Resident blocks per SM the tensor-core forward is compiled for, i.e. its register cap of
+// 65536 / (128 n). Stated because ptxas otherwise picks its own occupancy target and spills
+// to reach it (head dim 64 did, at 168 registers). Head dim 32 fits three blocks' 170
+// registers; 64 and 128 need two blocks' 255.
+constexpr int FwdMinBlocks(int head_dim) { return head_dim <= 32 ? 3 : 2; }
+
 // Head-dim buckets with a compiled kernel; others go to the general kernel.
 constexpr int HeadDimBucket(int64_t dim) {
   return dim <= 0 ? 0 : dim <= 32 ? 32 : dim <= 64 ? 64 : dim <= 128 ? 128 : 0;
+}
+
+// Head-dim buckets of the tensor-core backward: beyond 64, its two kernels' fragments and
+// accumulators (q, dout and dq; k, v, dk and dv) no longer fit the registers of two blocks.
+constexpr int BwdHeadDimBucket(int64_t dim) {
+  return dim <= 0 ? 0 : dim <= 32 ? 32 : dim <= 64 ? 64 : 0;
 }
 
 constexpr int SmemBytes(int head_dim) {
