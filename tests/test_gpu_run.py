@@ -16,7 +16,8 @@ from jnat import bench
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / ".ci" / "gpu-run"
-STAGES = ["build", "import", "gputests", "suite", "sanitize", "bench", "train", "torchtrain"]
+STAGES = ["build", "import", "gputests", "suite", "sanitize", "bench", "tcbwd", "train",
+          "torchtrain"]
 DEFAULT_STAGES = ["build", "import", "gputests", "suite", "sanitize", "bench"]
 
 
@@ -70,7 +71,7 @@ def test_bench_command_parses(commands, monkeypatch):
 
 
 def test_pytest_commands_name_existing_tests(commands):
-  for stage in ("gputests", "suite"):
+  for stage in ("gputests", "suite", "tcbwd"):
     args = _after(commands[stage], "pytest")
     paths = [a for a in args if a.startswith("tests")]
     assert paths and all((ROOT / p).exists() for p in paths), args
