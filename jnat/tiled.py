@@ -66,13 +66,13 @@ def _axis_tiling(length, kernel, stride, dilation, causal, wanted_tile) -> AxisT
   tile = _tile_size(wanted_tile, stride, group_length)
   tiles = -(-group_length // tile)
   groups = np.arange(dilation)[:, None]
-  # Query position of each (group, tile slot); padded slots repeat the group's last query so
-  # that every row of the mask has a visible key (their outputs are dropped).
+  # Query position of each (group, tile slot). Padded slots (past their group's end) repeat
+  # the group's last query but see no key: their outputs are dropped.
   in_group = np.arange(tiles * tile)[None, :]
   group_sizes = (length - groups + dilation - 1) // dilation
   query = np.minimum(in_group, group_sizes - 1) * dilation + groups  # [d, tiles*T]
   key_in_group = (keys[query] - groups[..., None]) // dilation      # [d, tiles*T, K]
-  visible = valid[query]
+  visible = valid[query] & (in_group < group_sizes)[..., None]
   per_tile = lambda x: x.reshape(dilation, tiles, tile * kernel)
   lo = np.where(per_tile(visible), per_tile(key_in_group), group_length).min(axis=(0, 2))
   hi = np.where(per_tile(visible), per_tile(key_in_group), -1).max(axis=(0, 2)) + 1
@@ -193,8 +193,14 @@ def tile_bias(rpb, tilings, dtype):
   r = [next(letters) for _ in range(rank)]
   u, t, w = ("".join(next(letters) for _ in range(rank)) for _ in range(3))
   operands = [f"h{''.join(r)}"] + [f"{u[a]}{t[a]}{w[a]}{r[a]}" for a in range(rank)]
-  bias = jnp.einsum(",".join(operands) + f"->{u}h{t}{w}", rpb.astype(dtype),
-                    *(jnp.asarray(x.rpb_onehot, dtype) for x in tilings))
+  spread = functools.partial(jnp.einsum, ",".join(operands) + f"->{u}h{t}{w}")
+  onehots = [jnp.asarray(x.rpb_onehot, dtype) for x in tilings]
+  # One-hot products turn -inf into NaN (0 * -inf): spread the finite values and the
+  # -inf positions separately.
+  finite = jnp.isfinite(rpb)
+  bias = spread(jnp.where(finite, rpb, 0).astype(dtype), *onehots)
+  masked = spread(jnp.where(finite, 0, 1).astype(dtype), *onehots) > 0
+  visible = visible & ~masked.reshape(units, -1, tile, halo)
   return jnp.where(visible, bias.reshape(units, -1, tile, halo), -jnp.inf)
 
 
@@ -218,20 +224,23 @@ def _logits(q, k, bias, scale):
 
 def _forward_units(q, k, v, bias, *, scale):
   s = _logits(q, k, bias, scale)
+  # A window whose every logit is -inf (an rpb of -inf) gives output 0 and lse -inf.
   peak = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.exp(s - peak)
+  p = jnp.exp(s - jnp.where(jnp.isfinite(peak), peak, 0.0))
   total = jnp.sum(p, axis=-1, keepdims=True)
   p = p.reshape(*q.shape[:-1], -1).astype(v.dtype)
   out = jnp.einsum("ubkmw,ubkwd->ubkmd", p, v, preferred_element_type=_acc(q))
-  out = out / total.reshape(*q.shape[:-1], 1)
-  lse = (peak + jnp.log(total)).reshape(q.shape[:-1])
-  return out.astype(q.dtype), lse
+  some = total > 0
+  out = out / jnp.where(some, total, 1.0).reshape(*q.shape[:-1], 1)
+  lse = jnp.where(some, peak + jnp.log(jnp.where(some, total, 1.0)), -jnp.inf)
+  return out.astype(q.dtype), lse.reshape(q.shape[:-1])
 
 
 def _backward_units(q, k, v, bias, out, lse, dout, dlse, *, scale):
   acc = _acc(q)
   s = _logits(q, k, bias, scale)
-  p = jnp.exp(s - lse.reshape(s.shape[:-1] + (1,))).reshape(*q.shape[:-1], -1)
+  finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # fully masked rows: p = 0
+  p = jnp.exp(s - finite_lse.reshape(s.shape[:-1] + (1,))).reshape(*q.shape[:-1], -1)
   dp = jnp.einsum("ubkmd,ubkwd->ubkmw", dout, v, preferred_element_type=acc)
   # d lse / d s = p, so the lse cotangent joins the softmax's row term.
   delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse
