@@ -149,29 +149,33 @@ def _local_kv_heads(split: _Split, local_heads: int):
 def _local_call(target, static, has_rpb, split: _Split):
   """The kernel on one device's shard.
 
-  Partial rpb gradients are summed over batch shards; with replicated kv, each device
-  works on its kv heads and the kv gradients are scattered back and summed over heads.
+  Partial rpb gradients are summed over batch shards. With replicated kv, each device
+  passes the kernel only the kv heads its query heads use; kv gradients are put back in
+  place of every kv head and summed over the heads shards.
   """
   in_roles, out_roles = _TARGETS[target]
-  select_kv = split.heads is not None and not split.kv_heads_split
+  h_axis = _HEADS_AXIS["KV"]
 
   def local(*args):
-    if select_kv:
-      q_local = next(a for a, r in zip(args, in_roles) if r in ("Q", "A"))
-      index = _local_kv_heads(split, q_local.shape[_HEADS_AXIS["Q"]])
-      args = [jnp.take(a, index, axis=_HEADS_AXIS[r]) if r == "KV" else a
+    index = kv_heads = None
+    if split.heads is not None and not split.kv_heads_split:
+      index = _local_kv_heads(split, args[0].shape[h_axis])  # lead operand: query heads
+      kv_heads = next(a.shape[h_axis] for a, r in zip(args, in_roles) if r == "KV")
+      args = [jnp.take(a, index, axis=h_axis) if r == "KV" else a
               for a, r in zip(args, in_roles)]
     outs = _ffi_call(target, static, *args)
-    fixed = []
+    reduced = []
     for out, role in zip(outs, out_roles):
       if role == "R" and has_rpb and split.batch is not None:
         out = jax.lax.psum(out, _axes(split.batch))
-      if role == "KV" and select_kv:
-        kv = next(a for a, r in zip(args, in_roles) if r == "KV")  # shape of the full kv
-        full = jnp.zeros(out.shape[:4] + (split.group and 0,) + out.shape[5:], out.dtype)
-        del kv, full
-      fixed.append(out)
-    return tuple(fixed)
+      elif role == "KV" and index is not None:
+        # Each local kv head's gradient back in its place (a one-hot product), summed.
+        one_hot = (index[:, None] == jnp.arange(kv_heads)[None, :]).astype(jnp.float32)
+        full = jnp.einsum("bxyzld,lg->bxyzgd", out.astype(jnp.float32), one_hot,
+                          precision=jax.lax.Precision.HIGHEST)
+        out = jax.lax.psum(full, _axes(split.heads)).astype(out.dtype)
+      reduced.append(out)
+    return tuple(reduced)
   return local
 
 

@@ -96,6 +96,7 @@ def _logits(query, key, tables, rpb, scale):
   keys, valid, rpb_index = tables
   b, *spatial, heads, dim = query.shape
   kv_heads = key.shape[-2]
+  _check_heads_layout(query, kv_heads)
   q = query.reshape(b, *spatial, kv_heads, heads // kv_heads, dim)
   k_win = _gather_windows(key, keys).reshape(b, *spatial, -1, kv_heads, dim)
   logits = _einsum("b...hgd,b...nhd->b...hgn", q, k_win)
@@ -209,19 +210,52 @@ def na_av(attn, value, nbhd: Neighborhood):
   return _chunked(av, nbhd, [attn.astype(acc)], [value.astype(acc)], row)
 
 
+def _explicit_axes(x, dims):
+  """The Explicit mesh axes that shard `x` along each of `dims` (None where unsharded)."""
+  sharding = jax.typeof(x).sharding
+  if sharding.mesh.empty or jax.sharding.AxisType.Explicit not in sharding.mesh.axis_types:
+    return (None,) * len(dims)
+  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  return tuple(spec[d] for d in dims)
+
+
+def _reshard(x, spec):
+  """`x` with the given Explicit sharding (a local slice of a replicated array)."""
+  if all(a is None for a in spec):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec))
+
+
+def _check_heads_layout(query, kv_heads):
+  """The query heads must split over kv heads as their Explicit sharding allows."""
+  (axes,) = _explicit_axes(query, (query.ndim - 2,))
+  if axes is None:
+    return
+  mesh = jax.typeof(query).sharding.mesh
+  shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  if kv_heads % shards and kv_heads != 1:  # MQA splits only the group axis: fine
+    raise NotImplementedError(
+        f"jnat backend='xla': query heads sharded {shards} ways (mesh axes {axes}) need kv "
+        f"heads divisible by {shards} (or 1), got {kv_heads}; shard kv heads alike or use a compiled "
+        f"backend ('cpu', 'cuda'), which take kv replicated.")
+
+
 def dense_attention(query, key, value, scale: float):
   """Every query against a flat set of tokens ``[B, M, Hkv, D]``: returns ``(out, lse)``.
 
   Used for NATTEN's additional key/value tokens, merged with the windowed part by lse.
   """
-  b, *spatial, heads, dim = query.shape
-  kv_heads, acc = key.shape[-2], _acc(query)
-  q = query.astype(acc).reshape(b, *spatial, kv_heads, heads // kv_heads, dim)
-  logits = _einsum("b...hgd,bmhd->b...hgm", q, key.astype(acc)) * scale
+  heads, acc = query.shape[-2], _acc(query)
+  # The few tokens are repeated per query head rather than query heads grouped per kv head:
+  # no reshape of the heads axis, which may be sharded in a way a split cannot follow.
+  batch_axes, heads_axes = _explicit_axes(query, (0, query.ndim - 2))
+  per_head = lambda x: _reshard(
+      jnp.take(x.astype(acc), jnp.arange(heads) // (heads // x.shape[-2]), axis=2),
+      (batch_axes, None, heads_axes, None))
+  logits = _einsum("b...hd,bmhd->b...hm", query.astype(acc), per_head(key)) * scale
   lse = jax.nn.logsumexp(logits, axis=-1)
-  out = _einsum("b...hgm,bmhd->b...hgd", jnp.exp(logits - lse[..., None]), value.astype(acc))
-  return (out.reshape(b, *spatial, heads, dim).astype(query.dtype),
-          lse.reshape(b, *spatial, heads))
+  out = _einsum("b...hm,bmhd->b...hd", jnp.exp(logits - lse[..., None]), per_head(value))
+  return out.astype(query.dtype), lse
 
 
 def merge_by_lse(out_a, lse_a, out_b, lse_b):
