@@ -1,11 +1,14 @@
-"""Bad input: a ValueError naming the argument and the rule, before any kernel runs; and the
-FFI handlers' own validation when they are called directly with inconsistent attributes."""
+"""Bad input: a ValueError naming jnat's op, the argument and the rule, raised when the op
+is called (at trace time under jit), before any kernel runs; and the FFI handlers' own
+validation when they are called directly with inconsistent attributes."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jnat
+from jnat import _ffi
 from na_testing import (COMPILED_BACKENDS, FWD_VALIDATION_CASES, assert_fwd_handler_rejects,
                         assert_fwd_handler_rejects_wrong_output_shape)
 
@@ -23,7 +26,17 @@ def call(**overrides):
     (dict(key=jnp.zeros((1, 8, 8, 2, 4))), r"key.shape=.*match query.shape"),
     (dict(value=jnp.zeros((1, 8, 9, 2, 8))), r"key.shape=.*value.shape=.*equal"),
     (dict(key=jnp.zeros((1, 8, 9, 2, 8)), value=jnp.zeros((1, 8, 9, 2, 8))), r"head_dim"),
-    (dict(key=jnp.zeros((1, 8, 9, 3, 4)), value=jnp.zeros((1, 8, 9, 3, 4))), r"must divide"),
+    (dict(key=jnp.zeros((1, 8, 9, 3, 4)), value=jnp.zeros((1, 8, 9, 3, 4))),
+     r"key heads \(3\) must be >= 1 and divide the query heads \(2\)"),
+    (dict(key=jnp.zeros((1, 8, 9, 0, 4)), value=jnp.zeros((1, 8, 9, 0, 4))),
+     r"key heads \(0\) must be >= 1"),
+    (dict(query=jnp.zeros((1, 8, 9, 2, 0)), key=jnp.zeros((1, 8, 9, 2, 0)),
+          value=jnp.zeros((1, 8, 9, 2, 0))), r"head_dim must be >= 1"),
+    (dict(scale="abc"), r"scale='abc' \(str\) must be a static Python number"),
+    (dict(scale=jnp.float32(0.5)), r"scale=.* must be a static Python number"),
+    (dict(scale=np.array([0.5])), r"scale=.* must be a static Python number"),
+    (dict(scale=1j), r"scale=1j \(complex\) must be a static Python number"),
+    (dict(scale=float("nan")), r"scale=nan must be finite"),
     (dict(value=Q.astype(jnp.bfloat16)), r"share one dtype"),
     (dict(kernel_size=1), r"kernel_size=\(1, 1\).*>= 2"),
     (dict(kernel_size=(3, 3, 3)), r"kernel_size=.*one entry per spatial axis"),
@@ -39,13 +52,34 @@ def call(**overrides):
     (dict(additional_keys=jnp.zeros((1, 3, 2, 5)), additional_values=jnp.zeros((1, 3, 2, 5))),
      r"additional_keys.shape=.*head_dim=4"),
     (dict(backend="tpu-magic"), r"backend='tpu-magic' is unknown"),
-    (dict(backend="cuda"), r"backend='cuda' is not available"),
     (dict(query=Q.astype(jnp.int32), key=Q.astype(jnp.int32), value=Q.astype(jnp.int32)),
      r"query.dtype=int32 is not supported"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_input_raises_value_error(overrides, match):
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(ValueError, match=r"^jnat\.na2d: .*" + match):
     call(**overrides)
+
+
+def test_traced_scale_is_rejected():
+  with pytest.raises(ValueError, match=r"scale=.*must be a static Python number"):
+    jax.jit(lambda q, s: jnat.na2d(q, q, q, kernel_size=3, scale=s)).trace(Q, 0.5)
+
+
+def test_backend_missing_from_the_build(monkeypatch):
+  monkeypatch.setattr(_ffi, "compiled_platforms", lambda: ("cpu",))
+  with pytest.raises(ValueError, match=r"backend='cuda' is not available: .*built without it "
+                                       r"\(kernels compiled for: cpu\)"):
+    call(backend="cuda")
+
+
+def test_backend_for_another_platform_refuses_concrete_inputs():
+  """Inputs committed to a CPU device: a backend that runs only on CUDA refuses them (on any
+  host, GPU or not) unless this build lacks it altogether."""
+  q = jax.device_put(Q, jax.devices("cpu")[0])
+  match = (r"backend='cuda' runs on cuda, but the inputs are on 'cpu'"
+           if "cuda" in _ffi.compiled_platforms() else r"backend='cuda' is not available")
+  with pytest.raises(ValueError, match=match):
+    jnat.na2d(q, q, q, kernel_size=3, backend="cuda")
 
 
 def test_errors_raise_at_trace_time_under_jit():
@@ -63,8 +97,15 @@ def test_compiled_backend_rejects_float64(backend):
 
 
 def test_unfused_bad_input():
-  with pytest.raises(ValueError, match=r"attn.shape=.*prod\(kernel_size\)=9"):
+  with pytest.raises(ValueError, match=r"^jnat.na2d_av: attn.shape=.*prod\(kernel_size\)=9"):
     jnat.na2d_av(jnp.zeros((1, 8, 9, 2, 8)), Q, kernel_size=3)
+  with pytest.raises(ValueError, match=r"^jnat.na1d_av: value.dtype=int32 is not supported"):
+    jnat.na1d_av(jnp.zeros((1, 8, 2, 3), jnp.int32), jnp.zeros((1, 8, 2, 4), jnp.int32), 3)
+  with pytest.raises(ValueError, match=r"value heads \(0\) must be >= 1"):
+    jnat.na1d_av(jnp.zeros((1, 8, 2, 3)), jnp.zeros((1, 8, 0, 4)), 3)
+  with pytest.raises(ValueError, match=r"^jnat.na1d_qk: query, key must share one dtype, got "
+                                       r"query.dtype=float32, key.dtype=bfloat16\.$"):
+    jnat.na1d_qk(jnp.zeros((1, 8, 2, 4)), jnp.zeros((1, 8, 2, 4), jnp.bfloat16), 3)
   with pytest.raises(ValueError, match=r"attn.dtype=.*value.dtype"):
     jnat.na2d_av(jnp.zeros((1, 8, 9, 2, 9), jnp.bfloat16), Q, kernel_size=3)
   with pytest.raises(ValueError, match=r"stride="):
