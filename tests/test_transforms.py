@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 import jnat
-from na_testing import ALL_BACKENDS, random_inputs, rel_err
+from jnat import _ffi
+from na_testing import ALL_BACKENDS, COMPILED_BACKENDS, random_inputs, rel_err
+
+NEEDS_CPU_KERNELS = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS, reason="CPU kernels not built")
 
 KW = dict(kernel_size=(3, 4), stride=(1, 2), dilation=(2, 1), is_causal=(True, False))
 
@@ -108,3 +111,52 @@ def test_bfloat16_rpb_is_accepted(backend):
   got = jnat.na2d(q, k, v, rpb=low, backend=backend, **KW)
   want = jnat.na2d(q, k, v, rpb=low.astype(jnp.float32), backend=backend, **KW)
   np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_second_order_gradients_match_reference(backend):
+  """grad of grad (fused and unfused): the kernels' backward is differentiable too."""
+  q, k, v, rpb, ak, av = _inputs()
+  def fused(q, backend):
+    return jnp.sum(jax.grad(lambda q: _loss(backend)(q, k, v, rpb, ak, av))(q) ** 2)
+  def unfused(q, backend):
+    def loss(q):
+      attn = jax.nn.softmax(jnat.na2d_qk(q, k, rpb=rpb, backend=backend, **KW), axis=-1)
+      return jnp.sum(jnp.sin(jnat.na2d_av(attn, v, backend=backend, **KW)))
+    return jnp.sum(jax.grad(loss)(q) ** 2)
+  for f in (fused, unfused):
+    got = jax.jit(jax.grad(f), static_argnums=1)(q, backend)
+    want = jax.jit(jax.grad(f), static_argnums=1)(q, "xla")
+    assert rel_err(got, want) <= 1e-4
+
+
+def _lowered(fn, platform, *args):
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_backend_follows_the_lowering_platform():
+  """backend=None picks per lowering platform, whatever JAX's default backend is."""
+  q, k, v, *_ = _inputs()
+  fn = lambda q, k, v: jnat.na2d(q, k, v, **KW)
+  for platform in ("cpu", "cuda", "rocm", "tpu"):
+    hlo = _lowered(fn, platform, q, k, v)
+    kernel = platform in _ffi.compiled_platforms()
+    assert ("custom_call @jnat_na_fwd(" in hlo) == kernel, platform
+
+
+@NEEDS_CPU_KERNELS
+def test_explicit_backend_under_jit_ignores_default_backend(monkeypatch):
+  """On a GPU host, a CPU-placed jit with backend="cpu" runs the CPU kernels: the choice
+  must not consult jax.default_backend() (simulated here)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  q, k, v, *_ = _inputs()
+  got = jax.jit(lambda q, k, v: jnat.na2d(q, k, v, backend="cpu", **KW))(q, k, v)
+  want = jnat.na2d(q, k, v, backend="xla", **KW)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@NEEDS_CPU_KERNELS
+def test_explicit_backend_lowered_for_another_platform_fails():
+  q, k, v, *_ = _inputs()
+  with pytest.raises(NotImplementedError, match="platform_index.*not found for platform tpu"):
+    _lowered(lambda q, k, v: jnat.na2d(q, k, v, backend="cpu", **KW), "tpu", q, k, v)
