@@ -499,9 +499,8 @@ inline void LaneScatter(const NaGeometry& s, const LaneTask& t, const LaneScratc
                         const ScatterItem& it) {
   const float* q = sc.q_rows.data();
   const float* dout = sc.dout_rows.data();
-  // Up to 4 vectors of each row stay in registers (2 with 16 registers); longer rows go
-  // that many vectors at a time.
-  constexpr int kChunk = kLanes == 16 ? 4 : 2;
+  // Up to 4 vectors of each row stay in registers; longer rows go 4 vectors at a time.
+  constexpr int kChunk = 4;
   const int64_t Dp = PaddedDim(s);
   for (int64_t d = 0; d < Dp; d += kChunk * kLanes) {
     WithCount<kChunk>((std::min<int64_t>(Dp - d, kChunk * kLanes)) / kLanes, [&](auto nc) {
