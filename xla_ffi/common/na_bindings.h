@@ -15,11 +15,6 @@
 
 namespace jnat {
 
-// The rpb operand's data, or nullptr when the op has no rpb (the operand is then f32[0]).
-inline const float* RpbOrNull(const NaParams& p, const ffi::AnyBuffer& rpb) {
-  return p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
-}
-
 // The window attributes every op ends with (int64[3] each, one entry per spatial axis).
 template <typename Binding>
 auto BindWindowAttrs(Binding b) {

@@ -33,6 +33,15 @@ struct NaParams : NaGeometry {
   float scale = 1.0f;
   Dtype dtype = Dtype::kF32;  // q, k, v, dout, out, dq, dk, dv (v's for the av ops)
   Dtype attn_dtype = Dtype::kF32;   // attn / dattn inputs of the unfused ops
+
+  // The rpb operand's (or the rpb gradient's) data; nullptr when the op has no rpb (the
+  // buffer is then f32[0]).
+  const float* rpb_or_null(const ffi::AnyBuffer& rpb) const {
+    return has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
+  }
+  float* drpb_or_null(ffi::AnyBuffer& drpb) const {
+    return has_rpb ? static_cast<float*>(drpb.untyped_data()) : nullptr;
+  }
 };
 
 // The four per-axis attributes every handler takes.

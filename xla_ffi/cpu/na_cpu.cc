@@ -80,10 +80,6 @@ ffi::Error Kernels(const KernelTable** table) {
   return ffi::Error::Success();
 }
 
-float* DrpbOrNull(const NaParams& p, ffi::AnyBuffer& drpb) {
-  return p.has_rpb ? static_cast<float*>(drpb.untyped_data()) : nullptr;
-}
-
 // ---------------------------------------------------------------------------------------------
 
 ffi::Error NaFwdDispatch(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer rpb,
@@ -98,7 +94,7 @@ ffi::Error NaFwdDispatch(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
   const PoolWorkers workers(pool);
   F32In qf(workers, q), kf(workers, k), vf(workers, v);
   F32Out of(workers, *out);
-  kernels->fused_forward(p, workers, qf.get(), kf.get(), vf.get(), RpbOrNull(p, rpb), p.scale,
+  kernels->fused_forward(p, workers, qf.get(), kf.get(), vf.get(), p.rpb_or_null(rpb), p.scale,
                  of.get(), static_cast<float*>(lse->untyped_data()));
   of.Commit();
   return ffi::Error::Success();
@@ -118,10 +114,10 @@ ffi::Error NaBwdDispatch(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
   const PoolWorkers workers(pool);
   F32In qf(workers, q), kf(workers, k), vf(workers, v), dof(workers, dout);
   F32Out dqf(workers, *dq), dkf(workers, *dk), dvf(workers, *dv);
-  kernels->fused_backward(p, workers, qf.get(), kf.get(), vf.get(), RpbOrNull(p, rpb), dof.get(),
+  kernels->fused_backward(p, workers, qf.get(), kf.get(), vf.get(), p.rpb_or_null(rpb), dof.get(),
                   static_cast<const float*>(lse.untyped_data()),
                   static_cast<const float*>(delta.untyped_data()), p.scale, dqf.get(), dkf.get(),
-                  dvf.get(), DrpbOrNull(p, *drpb));
+                  dvf.get(), p.drpb_or_null(*drpb));
   dqf.Commit();
   dkf.Commit();
   dvf.Commit();
@@ -139,7 +135,7 @@ ffi::Error NaQKDispatch(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
   const PoolWorkers workers(pool);
   F32In qf(workers, q), kf(workers, k);
   F32Out af(workers, *attn);
-  kernels->qk(p, workers, qf.get(), kf.get(), RpbOrNull(p, rpb), af.get());
+  kernels->qk(p, workers, qf.get(), kf.get(), p.rpb_or_null(rpb), af.get());
   af.Commit();
   return ffi::Error::Success();
 }
@@ -157,7 +153,7 @@ ffi::Error NaQKBwdDispatch(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
   F32In qf(workers, q), kf(workers, k), daf(workers, dattn);
   F32Out dqf(workers, *dq), dkf(workers, *dk);
   kernels->qk_backward(p, workers, qf.get(), kf.get(), daf.get(), dqf.get(), dkf.get(),
-               DrpbOrNull(p, *drpb));
+               p.drpb_or_null(*drpb));
   dqf.Commit();
   dkf.Commit();
   return ffi::Error::Success();
