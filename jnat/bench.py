@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 import jnat
+from jnat.cpu_info import cpu_info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +190,9 @@ def run(suite: str, repeats: int, log=print):
   else:
     peaks["matmul_tflops"] = matmul_tflops(2048, jnp.float32, repeats)
   log(f"peaks: {peaks}")
+  cpu = cpu_info() if "cpu" in jnat.available_backends("cpu") else None
+  if cpu:
+    log(f"cpu: {cpu['model']}, jnat cpu kernels: {cpu['isa']} (supported: {cpu['supported']})")
   compiled = [b for b in jnat.available_backends(platform) if b != "xla"]
   rows = []
   for case in cases:
@@ -224,6 +228,7 @@ def run(suite: str, repeats: int, log=print):
   device = jax.devices(platform)[0].device_kind
   return dict(date=datetime.date.today().isoformat(), suite=suite, device=device,
               machine=platform_module.machine(), cores=os.cpu_count(), jax=jax.__version__,
+              cpu_model=cpu and cpu["model"], cpu_isa=cpu and cpu["isa"],
               repeats=repeats, peaks=peaks, rows=rows)
 
 
@@ -236,8 +241,10 @@ def markdown(result) -> str:
   peak_text = (f"bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s, copy "
                f"{peaks['copy_gbs']:.0f} GB/s" if gpu else
                f"float32 2048² matmul {1e3 * peaks['matmul_tflops']:.0f} GFLOP/s")
+  cpu_text = (f", jnat cpu kernels: {result['cpu_isa']} on {result['cpu_model']}"
+              if result.get("cpu_isa") else "")
   lines = [f"{result['date']}, {result['device']} ({result['machine']}, {result['cores']} "
-           f"cores), jax {result['jax']}; peaks from the same run: {peak_text}; medians of "
+           f"cores{cpu_text}), jax {result['jax']}; peaks from the same run: {peak_text}; medians of "
            f"{result['repeats']}.", ""]
   header = ["case", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", f"fwd {unit}",
             "fwd % of matmul", f"bwd {unit}", "fwd+bwd × vs dense"]

@@ -33,7 +33,15 @@ struct NaParams : NaGeometry {
   float scale = 1.0f;
   Dtype dtype = Dtype::kF32;  // q, k, v, dout, out, dq, dk, dv (v's for the av ops)
   Dtype attn_dtype = Dtype::kF32;   // attn / dattn inputs of the unfused ops
-  Dtype dattn_dtype = Dtype::kF32;  // the dattn output of jnat_na_av_bwd
+
+  // The rpb operand's (or the rpb gradient's) data; nullptr when the op has no rpb (the
+  // buffer is then f32[0]).
+  const float* rpb_or_null(const ffi::AnyBuffer& rpb) const {
+    return has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
+  }
+  float* drpb_or_null(ffi::AnyBuffer& drpb) const {
+    return has_rpb ? static_cast<float*>(drpb.untyped_data()) : nullptr;
+  }
 };
 
 // The four per-axis attributes every handler takes.
@@ -154,7 +162,12 @@ inline ffi::Error DecodeWindow(const Checker& c, const WindowAttrs& w, NaParams*
     const std::string axis = " on spatial axis " + std::to_string(a);
     const int64_t K = w.kernel_size[a], S = w.stride[a], Dl = w.dilation[a], C = w.is_causal[a];
     const int64_t L = p->length[a];
-    if (K < 1) return c.Fail("kernel_size " + std::to_string(K) + axis + " must be >= 1");
+    // The rule of the Python API, kernel_size >= 2, with one exception: 1D and 2D ops run as
+    // 3D ops whose added leading axes have length 1 and kernel_size 1.
+    if (K < 2 && !(K == 1 && L == 1)) {
+      return c.Fail("kernel_size " + std::to_string(K) + axis +
+                    " must be >= 2 (or 1 on an axis of length 1)");
+    }
     if (S < 1 || S > K) {
       return c.Fail("stride " + std::to_string(S) + axis + " must be in [1, kernel_size=" +
                     std::to_string(K) + "]");
@@ -368,7 +381,6 @@ inline ffi::Error DecodeNaAVBwd(const ffi::AnyBuffer& attn, const ffi::AnyBuffer
   JNAT_PARAMS_CHECK(c.Floating("attn", attn, &p->attn_dtype));
   JNAT_PARAMS_CHECK(c.Shape("dattn", dattn, TokenShape(*p, p->heads, p->window())));
   JNAT_PARAMS_CHECK(c.Same("dattn", dattn, "attn", attn));
-  p->dattn_dtype = p->attn_dtype;
   JNAT_PARAMS_CHECK(c.Shape("dv", dv, TokenShape(*p, p->kv_heads, p->dim)));
   JNAT_PARAMS_CHECK(c.Same("dv", dv, "v", v));
   return ffi::Error::Success();

@@ -9,36 +9,44 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu/na_cpu_simd.h"
+#include "cpu/na_cpu_half.h"
+#include "cpu/na_cpu_workers.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jnat::cpu {
 
 namespace ffi = xla::ffi;
 
+// Conversions of more elements than this are split over the workers.
+inline constexpr int64_t kConvertGrain = int64_t{1} << 16;
+
+// dst[i] = convert(src[i]) for i < n.
+template <typename To, typename From, typename Convert>
+void ConvertAll(const Workers& workers, const From* src, int64_t n, To* dst, Convert&& convert) {
+  ForEachRange(workers, n, kConvertGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) dst[i] = convert(src[i]);
+  });
+}
+
 // Float32 data of an input buffer: the buffer itself, or a converted copy.
 class F32In {
  public:
-  explicit F32In(const ffi::AnyBuffer& buf) {
+  F32In(const Workers& workers, const ffi::AnyBuffer& buf) {
     const int64_t n = static_cast<int64_t>(buf.element_count());
     switch (buf.element_type()) {
       case ffi::DataType::F32:
         ptr_ = static_cast<const float*>(buf.untyped_data());
         return;
-      case ffi::DataType::BF16: {
+      case ffi::DataType::BF16:
         copy_.resize(static_cast<size_t>(n));
-        const uint16_t* src = static_cast<const uint16_t*>(buf.untyped_data());
-#pragma omp parallel for schedule(static) if (n > (1 << 16))
-        for (int64_t i = 0; i < n; ++i) copy_[i] = Bf16ToFloat(src[i]);
+        ConvertAll(workers, static_cast<const uint16_t*>(buf.untyped_data()), n, copy_.data(),
+                   Bf16ToFloat);
         break;
-      }
-      default: {  // F16, the only other dtype the decoders accept
+      default:  // F16, the only other dtype the decoders accept
         copy_.resize(static_cast<size_t>(n));
-        const uint16_t* src = static_cast<const uint16_t*>(buf.untyped_data());
-#pragma omp parallel for schedule(static) if (n > (1 << 16))
-        for (int64_t i = 0; i < n; ++i) copy_[i] = HalfToFloat(src[i]);
+        ConvertAll(workers, static_cast<const uint16_t*>(buf.untyped_data()), n, copy_.data(),
+                   HalfToFloat);
         break;
-      }
     }
     ptr_ = copy_.data();
   }
@@ -52,7 +60,7 @@ class F32In {
 // Float32 storage for an output buffer: the buffer itself, or a scratch converted on Commit().
 class F32Out {
  public:
-  explicit F32Out(ffi::AnyBuffer buf) : buf_(buf) {
+  F32Out(const Workers& workers, ffi::AnyBuffer buf) : workers_(workers), buf_(buf) {
     if (buf.element_type() == ffi::DataType::F32) {
       ptr_ = static_cast<float*>(buf.untyped_data());
     } else {
@@ -68,15 +76,14 @@ class F32Out {
     const int64_t n = static_cast<int64_t>(scratch_.size());
     uint16_t* dst = static_cast<uint16_t*>(buf_.untyped_data());
     if (t == ffi::DataType::BF16) {
-#pragma omp parallel for schedule(static) if (n > (1 << 16))
-      for (int64_t i = 0; i < n; ++i) dst[i] = FloatToBf16(scratch_[i]);
+      ConvertAll(workers_, scratch_.data(), n, dst, FloatToBf16);
     } else {
-#pragma omp parallel for schedule(static) if (n > (1 << 16))
-      for (int64_t i = 0; i < n; ++i) dst[i] = FloatToHalf(scratch_[i]);
+      ConvertAll(workers_, scratch_.data(), n, dst, FloatToHalf);
     }
   }
 
  private:
+  const Workers& workers_;
   ffi::AnyBuffer buf_;
   std::vector<float> scratch_;
   float* ptr_ = nullptr;

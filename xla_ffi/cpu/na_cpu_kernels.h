@@ -5,16 +5,15 @@
 // 2K2-1] (nullptr: none), attention weights [B, L0, L1, L2, H, K0*K1*K2] with the window
 // flattened row-major. Which keys a query sees comes from common/na_index.h only.
 //
-// With AVX-512 the fused forward and backward take 16 queries per vector (na_cpu_lanes.h);
-// the kernels here are the portable path and the unfused ops.
+// The fused forward and backward take kLanes queries per vector (na_cpu_lanes.h); the
+// kernels here are the unfused ops, one query at a time, and the table of all six
+// (KernelTable, na_cpu_isa.h) that na_cpu_isa_kernels.cc builds per instruction set.
 //
 // Threads: the forward kernels split the query tokens. The backward kernels scatter into
 // key rows; they give each (batch, kv head) its own accumulators, and when there are too few
 // of those for the threads they also split the tokens into bands with private float32
 // accumulators summed in a fixed order (na_cpu_work.h). Results do not depend on scheduling.
 #pragma once
-
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -23,11 +22,13 @@
 #include <vector>
 
 #include "common/na_index.h"
+#include "cpu/na_cpu_isa.h"
 #include "cpu/na_cpu_lanes.h"
-#include "cpu/na_cpu_simd.h"
+#include "cpu/na_cpu_rows.h"
 #include "cpu/na_cpu_work.h"
+#include "cpu/na_cpu_workers.h"
 
-namespace jnat::cpu {
+namespace jnat::cpu::JNAT_ISA_NS {
 
 // The valid slots of one query token's window: key token, window slot, rpb offset (within a
 // head). Returns how many there are (at least 1 for a valid shape).
@@ -63,45 +64,30 @@ inline int64_t BuildWindow(const NaGeometry& s, int64_t token, int64_t* key, int
 
 // Per-thread work arrays for one query at a time.
 struct QueryScratch {
-  std::vector<int64_t> key, slot, bias;
-  std::vector<const float*> rows_a, rows_b;
-  std::vector<float*> acc_rows;
-  std::vector<float> s0, s1, s2, xd, yd, zeros;
+  std::vector<int64_t> key, slot, bias;  // the window (BuildWindow)
+  std::vector<const float*> rows;        // its key or value rows
+  std::vector<float> s0, zeros;          // one float per slot; a row of zeros
 
-  explicit QueryScratch(const NaGeometry& s) {
-    const size_t kk = static_cast<size_t>(s.window()) + 16;
-    const size_t d = static_cast<size_t>(s.dim) + 32;
-    key.resize(kk);
-    slot.resize(kk);
-    bias.resize(kk);
-    rows_a.resize(kk);
-    rows_b.resize(kk);
-    acc_rows.resize(kk);
-    s0.resize(kk);
-    s1.resize(kk);
-    s2.resize(kk);
-    xd.resize(d);
-    yd.resize(d);
-    zeros.assign(d, 0.0f);
-  }
+  explicit QueryScratch(const NaGeometry& s)
+      : key(s.window()), slot(s.window()), bias(s.window()), rows(s.window()), s0(s.window()),
+        zeros(s.dim, 0.0f) {}
 };
 
 // ---------------------------------------------------------------------------------------------
-// Forward kernels: one task per (batch, query token), all heads of that token.
+// Forward kernels: (batch, query token) tasks, all heads of a token, in blocks of tokens.
 
 template <typename PerQuery>
-void ForEachQuery(const NaGeometry& s, PerQuery&& per_query) {
+void ForEachQuery(const NaGeometry& s, const Workers& workers, PerQuery&& per_query) {
   const int64_t total = s.batch * s.tokens();
-#pragma omp parallel if (WorthThreads(s))
-  {
-    QueryScratch sc(s);
-#pragma omp for schedule(static)
-    for (int64_t bt = 0; bt < total; ++bt) {
+  const int64_t block = std::max<int64_t>(1, total / (8 * workers.size()));
+  ForEachItem(workers, WorthThreads(s), (total + block - 1) / block,
+              [&] { return QueryScratch(s); }, [&](QueryScratch& sc, int64_t item) {
+    for (int64_t bt = item * block; bt < std::min(total, (item + 1) * block); ++bt) {
       const int64_t b = bt / s.tokens();
       const int64_t nv = BuildWindow(s, bt % s.tokens(), sc.key.data(), sc.slot.data(), sc.bias.data());
       for (int64_t h = 0; h < s.heads; ++h) per_query(sc, b, bt, h, h / s.group(), nv);
     }
-  }
+  });
 }
 
 // Row pointers of the window's keys for kv head hk of batch b.
@@ -112,39 +98,14 @@ inline void WindowRows(const NaGeometry& s, const float* base, int64_t b, int64_
   for (int64_t i = 0; i < nv; ++i) rows[i] = head_base + key[i] * row;
 }
 
-// Fused forward: out = softmax(scale * q.k + rpb) v over the window; lse its log-normaliser.
-inline void PortableFusedForward(const NaGeometry& s, const float* q, const float* k,
-                                 const float* v, const float* rpb, float scale, float* out,
-                                 float* lse) {
-  const int64_t D = s.dim, RR = s.rpb_size();
-  ForEachQuery(s, [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk, int64_t nv) {
-    const int64_t qi = bt * s.heads + h;
-    const float* qrow = q + qi * D;
-    float* qs = sc.xd.data();
-    for (int64_t d = 0; d < D; ++d) qs[d] = qrow[d] * scale;
-    WindowRows(s, k, b, hk, nv, sc.key.data(), sc.rows_a.data());
-    WindowRows(s, v, b, hk, nv, sc.key.data(), sc.rows_b.data());
-    float* logit = sc.s0.data();
-    DotRows(qs, sc.rows_a.data(), nv, D, sc.zeros.data(), logit);
-    if (rpb != nullptr) {
-      const float* bh = rpb + h * RR;
-      for (int64_t i = 0; i < nv; ++i) logit[i] += bh[sc.bias[i]];
-    }
-    const float m = MaxOf(logit, nv);
-    const float sum = ExpShiftedSum(logit, nv, m);
-    WeightedSum(logit, sc.rows_b.data(), nv, D, 1.0f / sum, out + qi * D);
-    lse[qi] = m + std::log(sum);
-  });
-}
-
 // attn[.., h, slot] = q.k_slot + rpb (no scale); -inf at masked slots.
-inline void NaQK(const NaGeometry& s, const float* q, const float* k, const float* rpb, float* attn) {
+inline void NaQK(const NaGeometry& s, const Workers& workers, const float* q, const float* k, const float* rpb, float* attn) {
   const int64_t D = s.dim, KK = s.window(), RR = s.rpb_size();
-  ForEachQuery(s, [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk, int64_t nv) {
+  ForEachQuery(s, workers, [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk, int64_t nv) {
     const int64_t qi = bt * s.heads + h;
-    WindowRows(s, k, b, hk, nv, sc.key.data(), sc.rows_a.data());
+    WindowRows(s, k, b, hk, nv, sc.key.data(), sc.rows.data());
     float* logit = sc.s0.data();
-    DotRows(q + qi * D, sc.rows_a.data(), nv, D, sc.zeros.data(), logit);
+    DotRows(q + qi * D, sc.rows.data(), nv, D, sc.zeros.data(), logit);
     float* row = attn + qi * KK;
     if (nv < KK) std::fill(row, row + KK, -std::numeric_limits<float>::infinity());
     const float* bh = rpb != nullptr ? rpb + h * RR : nullptr;
@@ -153,15 +114,15 @@ inline void NaQK(const NaGeometry& s, const float* q, const float* k, const floa
 }
 
 // out = sum over valid slots of attn[slot] * v_slot.
-inline void NaAV(const NaGeometry& s, const float* attn, const float* v, float* out) {
+inline void NaAV(const NaGeometry& s, const Workers& workers, const float* attn, const float* v, float* out) {
   const int64_t D = s.dim, KK = s.window();
-  ForEachQuery(s, [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk, int64_t nv) {
+  ForEachQuery(s, workers, [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk, int64_t nv) {
     const int64_t qi = bt * s.heads + h;
-    WindowRows(s, v, b, hk, nv, sc.key.data(), sc.rows_b.data());
+    WindowRows(s, v, b, hk, nv, sc.key.data(), sc.rows.data());
     const float* row = attn + qi * KK;
     float* w = sc.s0.data();
     for (int64_t i = 0; i < nv; ++i) w[i] = row[sc.slot[i]];
-    WeightedSum(w, sc.rows_b.data(), nv, D, 1.0f, out + qi * D);
+    WeightedSum(w, sc.rows.data(), nv, D, 1.0f, out + qi * D);
   });
 }
 
@@ -172,13 +133,10 @@ inline void NaAV(const NaGeometry& s, const float* attn, const float* v, float* 
 // first two axes and cover one contiguous range of the last, so each key row of the tile is
 // read and written once, with the contributions of all tile queries that see it.
 
-// A query's contribution to the key rows: key row of valid slot i += wa[i] * xa (and
-// wb[i] * xb for the second accumulator).
+// A query's contribution to the key rows: key row of valid slot i += w[i] * x.
 struct QueryGrad {
-  float* wa = nullptr;
-  float* wb = nullptr;
-  const float* xa = nullptr;
-  const float* xb = nullptr;
+  float* w = nullptr;
+  const float* x = nullptr;
   float* rpb = nullptr;  // this head's rpb gradient [RR] to add to directly (or nullptr)
 };
 
@@ -198,31 +156,29 @@ inline std::vector<std::pair<int64_t, int64_t>> RowTiles(const NaGeometry& s, in
 struct TileScratch {
   QueryScratch query;
   int64_t kkp;  // stride of one query's weights
-  std::vector<float> wa, wb, tw, twb;
-  std::vector<const float*> xa, xb, terms, termsb;
+  std::vector<float> w, tw;
+  std::vector<const float*> x, terms;
   std::vector<int64_t> start, end, count;
 
-  TileScratch(const NaGeometry& s, int64_t tile, bool two)
-      : query(s), kkp(s.window() + 16), wa(tile * s.group() * kkp), wb(two ? wa.size() : 0),
-        tw(tile * s.group()), twb(tw.size()), xa(tw.size()), xb(tw.size()), terms(tw.size()),
-        termsb(tw.size()), start(tile), end(tile), count(tile) {}
+  TileScratch(const NaGeometry& s, int64_t tile)
+      : query(s), kkp(s.window() + 16), w(tile * s.group() * kkp), tw(tile * s.group()),
+        x(tw.size()), terms(tw.size()), start(tile), end(tile), count(tile) {}
 };
 
 // Runs per_query(sc, b, bt, h, hk, nv, grad) for every query (sc holds its window, as from
-// BuildWindow) and sums the contributions into acc_a / acc_b ([B, tokens, Hkv, D], overwritten;
-// acc_b may be nullptr) and the rpb gradient into drpb ([H, RR], overwritten; nullptr: none).
+// BuildWindow) and sums the contributions into acc ([B, tokens, Hkv, D], overwritten) and
+// the rpb gradient into drpb ([H, RR], overwritten; nullptr: none).
 template <typename PerQuery>
-void ScatterOverQueries(const NaGeometry& s, float* acc_a, float* acc_b, float* drpb,
+void ScatterOverQueries(const NaGeometry& s, const Workers& workers, float* acc, float* drpb,
                         PerQuery&& per_query) {
   const int64_t N = s.tokens(), D = s.dim, G = s.group(), RR = s.rpb_size(), KK = s.window();
   const int64_t L1 = s.length[1], L2 = s.length[2], dil2 = s.dilation[2];
-  const bool two = acc_b != nullptr;
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(kTile, (int64_t{1} << 20) / (G * KK + 1)));
   const auto row_tiles = RowTiles(s, tile);
   const int64_t tiles_per_row = static_cast<int64_t>(row_tiles.size());
 
-  ForEachScatterItem(s, s.length[0] * L1 * tiles_per_row, acc_a, acc_b, drpb,
-                     [&] { return TileScratch(s, tile, two); },
+  ForEachScatterItem(s, workers, s.length[0] * L1 * tiles_per_row, D, acc, nullptr, drpb,
+                     [&] { return TileScratch(s, tile); },
                      [&](TileScratch& ts, const ScatterItem& it) {
     QueryScratch& sc = ts.query;
     const int64_t kkp = ts.kkp;
@@ -245,12 +201,10 @@ void ScatterOverQueries(const NaGeometry& s, float* acc_a, float* acc_b, float* 
         for (int64_t g = 0; g < G; ++g) {
           const int64_t q = j * G + g;
           QueryGrad grad;
-          grad.wa = ts.wa.data() + q * kkp;
-          grad.wb = two ? ts.wb.data() + q * kkp : nullptr;
+          grad.w = ts.w.data() + q * kkp;
           grad.rpb = it.rpb != nullptr ? it.rpb + g * RR : nullptr;
           per_query(sc, it.b, it.b * N + t, it.hk * G + g, it.hk, nv, grad);
-          ts.xa[q] = grad.xa;
-          ts.xb[q] = grad.xb;
+          ts.x[q] = grad.x;
         }
       }
       // The key rows: one read-modify-write each.
@@ -268,19 +222,14 @@ void ScatterOverQueries(const NaGeometry& s, float* acc_a, float* acc_b, float* 
               const int64_t i = slot_row * ts.count[j] + (cz - ts.start[j]);
               for (int64_t g = 0; g < G; ++g) {
                 const int64_t q = j * G + g;
-                ts.tw[m] = ts.wa[q * kkp + i];
-                ts.terms[m] = ts.xa[q];
-                if (two) {
-                  ts.twb[m] = ts.wb[q * kkp + i];
-                  ts.termsb[m] = ts.xb[q];
-                }
+                ts.tw[m] = ts.w[q * kkp + i];
+                ts.terms[m] = ts.x[q];
                 ++m;
               }
             }
             if (m == 0) continue;
             const int64_t key = row_base + cz * dil2;
             AccumulateRow(it.acc_a + key * it.stride, D, ts.terms.data(), ts.tw.data(), m);
-            if (two) AccumulateRow(it.acc_b + key * it.stride, D, ts.termsb.data(), ts.twb.data(), m);
           }
         }
       }
@@ -288,111 +237,45 @@ void ScatterOverQueries(const NaGeometry& s, float* acc_a, float* acc_b, float* 
   });
 }
 
-// Fused backward from the saved lse and delta = rowsum(dout * out) (minus the lse cotangent).
-inline void PortableFusedBackward(const NaGeometry& s, const float* q, const float* k,
-                                  const float* v, const float* rpb, const float* dout,
-                                  const float* lse, const float* delta, float scale, float* dq,
-                                  float* dk, float* dv, float* drpb) {
-  const int64_t D = s.dim, RR = s.rpb_size();
-  ScatterOverQueries(s, dk, dv, rpb != nullptr ? drpb : nullptr,
-                     [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk,
-                         int64_t nv, QueryGrad& grad) {
-    const int64_t qi = bt * s.heads + h;
-    const float* qrow = q + qi * D;
-    const float* dorow = dout + qi * D;
-    if (bt + 2 < s.batch * s.tokens()) {  // this head's rows two tokens ahead
-      for (int64_t d = 0; d < D; d += 16) {
-        __builtin_prefetch(qrow + 2 * s.heads * D + d);
-        __builtin_prefetch(dorow + 2 * s.heads * D + d);
-      }
-    }
-    float* qs = sc.xd.data();
-    for (int64_t d = 0; d < D; ++d) qs[d] = qrow[d] * scale;
-    WindowRows(s, k, b, hk, nv, sc.key.data(), sc.rows_a.data());
-    WindowRows(s, v, b, hk, nv, sc.key.data(), sc.rows_b.data());
-    float* p = grad.wb;  // dv weights: the probabilities
-    float* ds = sc.s1.data();
-    DotRows(qs, sc.rows_a.data(), nv, D, sc.zeros.data(), p);
-    if (rpb != nullptr) {
-      const float* bh = rpb + h * RR;
-      for (int64_t i = 0; i < nv; ++i) p[i] += bh[sc.bias[i]];
-    }
-    ExpShiftedSum(p, nv, lse[qi]);
-    DotRows(dorow, sc.rows_b.data(), nv, D, sc.zeros.data(), ds);
-    const float dl = delta[qi];
-    for (int64_t i = 0; i < nv; ++i) ds[i] = p[i] * (ds[i] - dl);
-    WeightedSum(ds, sc.rows_a.data(), nv, D, scale, dq + qi * D);
-    if (grad.rpb != nullptr) {
-      for (int64_t i = 0; i < nv; ++i) grad.rpb[sc.bias[i]] += ds[i];
-    }
-    for (int64_t i = 0; i < nv; ++i) grad.wa[i] = ds[i] * scale;
-    grad.xa = qrow;
-    grad.xb = dorow;
-  });
-}
-
 // Backward of NaQK: dq = sum dattn k, dk += dattn q, drpb += dattn (valid slots only).
-inline void NaQKBackward(const NaGeometry& s, const float* q, const float* k, const float* dattn,
+inline void NaQKBackward(const NaGeometry& s, const Workers& workers, const float* q, const float* k, const float* dattn,
                          float* dq, float* dk, float* drpb) {
   const int64_t D = s.dim, KK = s.window();
-  ScatterOverQueries(s, dk, nullptr, drpb,
+  ScatterOverQueries(s, workers, dk, drpb,
                      [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk,
                          int64_t nv, QueryGrad& grad) {
     const int64_t qi = bt * s.heads + h;
     const float* row = dattn + qi * KK;
-    float* w = grad.wa;
+    float* w = grad.w;
     for (int64_t i = 0; i < nv; ++i) w[i] = row[sc.slot[i]];
-    WindowRows(s, k, b, hk, nv, sc.key.data(), sc.rows_a.data());
-    WeightedSum(w, sc.rows_a.data(), nv, D, 1.0f, dq + qi * D);
+    WindowRows(s, k, b, hk, nv, sc.key.data(), sc.rows.data());
+    WeightedSum(w, sc.rows.data(), nv, D, 1.0f, dq + qi * D);
     if (grad.rpb != nullptr) {
       for (int64_t i = 0; i < nv; ++i) grad.rpb[sc.bias[i]] += w[i];
     }
-    grad.xa = q + qi * D;
+    grad.x = q + qi * D;
   });
 }
 
 // Backward of NaAV: dattn[slot] = dout.v_slot (0 at masked slots), dv += attn[slot] dout.
-inline void NaAVBackward(const NaGeometry& s, const float* attn, const float* v, const float* dout,
+inline void NaAVBackward(const NaGeometry& s, const Workers& workers, const float* attn, const float* v, const float* dout,
                          float* dattn, float* dv) {
   const int64_t D = s.dim, KK = s.window();
-  ScatterOverQueries(s, dv, nullptr, nullptr,
+  ScatterOverQueries(s, workers, dv, nullptr,
                      [&](QueryScratch& sc, int64_t b, int64_t bt, int64_t h, int64_t hk,
                          int64_t nv, QueryGrad& grad) {
     const int64_t qi = bt * s.heads + h;
     const float* dorow = dout + qi * D;
-    WindowRows(s, v, b, hk, nv, sc.key.data(), sc.rows_b.data());
+    WindowRows(s, v, b, hk, nv, sc.key.data(), sc.rows.data());
     float* dp = sc.s0.data();
-    DotRows(dorow, sc.rows_b.data(), nv, D, sc.zeros.data(), dp);
+    DotRows(dorow, sc.rows.data(), nv, D, sc.zeros.data(), dp);
     float* drow = dattn + qi * KK;
     if (nv < KK) std::fill(drow, drow + KK, 0.0f);
     for (int64_t i = 0; i < nv; ++i) drow[sc.slot[i]] = dp[i];
     const float* arow = attn + qi * KK;
-    for (int64_t i = 0; i < nv; ++i) grad.wa[i] = arow[sc.slot[i]];
-    grad.xa = dorow;
+    for (int64_t i = 0; i < nv; ++i) grad.w[i] = arow[sc.slot[i]];
+    grad.x = dorow;
   });
 }
 
-// ---------------------------------------------------------------------------------------------
-// The fused ops: the lane kernels where the compiler targets AVX-512.
-
-inline void NaFusedForward(const NaGeometry& s, const float* q, const float* k, const float* v,
-                           const float* rpb, float scale, float* out, float* lse) {
-#if defined(JNAT_CPU_AVX512)
-  LaneFusedForward(s, q, k, v, rpb, scale, out, lse);
-#else
-  PortableFusedForward(s, q, k, v, rpb, scale, out, lse);
-#endif
-}
-
-inline void NaFusedBackward(const NaGeometry& s, const float* q, const float* k, const float* v,
-                            const float* rpb, const float* dout, const float* lse,
-                            const float* delta, float scale, float* dq, float* dk, float* dv,
-                            float* drpb) {
-#if defined(JNAT_CPU_AVX512)
-  LaneFusedBackward(s, q, k, v, rpb, dout, lse, delta, scale, dq, dk, dv, drpb);
-#else
-  PortableFusedBackward(s, q, k, v, rpb, dout, lse, delta, scale, dq, dk, dv, drpb);
-#endif
-}
-
-}  // namespace jnat::cpu
+}  // namespace jnat::cpu::JNAT_ISA_NS

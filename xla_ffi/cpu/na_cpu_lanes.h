@@ -1,41 +1,39 @@
-// Fused neighbourhood attention with 16 queries per AVX-512 vector (the "lane" layout).
+// Fused neighbourhood attention with kLanes queries per vector (the "lane" layout).
 //
 // Why: a window holds only K·D multiply-adds per key row, so computing one query at a time
 // ends every logit in a horizontal reduction of a short dot product, which costs about as
-// much as the dot product itself. Here 16 consecutive queries of one spatial row (one dilation
+// much as the dot product itself. Here kLanes consecutive queries of one spatial row (one dilation
 // group along the last axis) share each vector. Their windows cover the same key rows on the
 // first two axes and, along the last axis, lane j's window starts rel[j] columns after lane
 // 0's. With k and v transposed per spatial row ([D][columns], columns ordered by dilation
-// group), slot n of all 16 windows is one vector: in the interior (rel[j] = j) a shift of two
-// aligned loads, elsewhere (edges, strides, causal clipping) one load and a lane permute.
+// group), slot n of all kLanes windows is one vector: in the interior (rel[j] = j) one
+// unaligned load (or a shift of two aligned ones), elsewhere (edges, strides, causal
+// clipping) one load and a lane permute.
 // Logits, softmax, probabilities and the weighted sums over the window (out, dq, as column
 // sums of the same transposed rows) are then plain vertical vector code. The scatters into
 // key rows (dk, dv) keep rows row-major with lanes along D, where no reductions arise either,
 // and take their weights from the lane matrices by broadcast.
 //
 // Which keys a query sees still comes from common/na_index.h only; results are identical in
-// structure to the portable kernels (na_cpu_kernels.h), up to float rounding.
+// structure to the unfused kernels (na_cpu_kernels.h), up to float rounding.
 #pragma once
-
-#include "cpu/na_cpu_simd.h"
-
-#if defined(JNAT_CPU_AVX512)
 
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "common/na_index.h"
+#include "cpu/na_cpu_lane_ops.h"
+#include "cpu/na_cpu_vec.h"
 #include "cpu/na_cpu_work.h"
+#include "cpu/na_cpu_workers.h"
 
-namespace jnat::cpu {
+namespace jnat::cpu::JNAT_ISA_NS {
 
-inline constexpr int kLanes = 16;
-
-// Up to 16 consecutive queries of one dilation group along the last axis. The last axis alone
+// Up to kLanes consecutive queries of one dilation group along the last axis. The last axis alone
 // decides a tile, so one list serves every spatial row.
 struct LaneTile {
-  alignas(64) int32_t rel[kLanes];  // lane's window start - start0, in [0, 16)
+  alignas(64) int32_t rel[kLanes];  // lane's window start - start0, in [0, kLanes)
   alignas(64) int32_t count[kLanes];  // valid slots along the last axis (< K: causal)
   alignas(64) int32_t rpb0[kLanes];   // rpb index of slot 0 along the last axis
   int64_t group = 0;   // dilation group along the last axis
@@ -62,7 +60,7 @@ inline std::vector<LaneTile> LaneTilesOfRow(const NaGeometry& s) {
       t.first = ig;
       t.start0 = WindowStart(ig, lg, K, S, causal);
       int64_t j = 0;
-      // Windows start in non-decreasing order; a tile ends where one would leave the 16
+      // Windows start in non-decreasing order; a tile ends where one would leave the kLanes
       // columns a permute can reach (only with strides).
       for (; j < kLanes && ig + j < lg; ++j) {
         const int64_t start = WindowStart(ig + j, lg, K, S, causal);
@@ -127,7 +125,7 @@ struct ColumnLayout {
 
 // k or v of one (batch, kv head) transposed per spatial row: a [D][width] matrix per row,
 // whose columns are the row's tokens ordered by dilation group along the last axis (group g
-// from column offset(g)), then zeros, so that a 16-wide load from any window slot stays in
+// from column offset(g)), then zeros, so that a vector load from any window slot stays in
 // bounds. One (batch, kv head) at a time keeps the transposed data in the cache while the
 // tiles read it.
 class PlaneTransposed {
@@ -233,20 +231,21 @@ struct LaneScratch {
   std::vector<int64_t> key_row, bias_row;
   std::vector<const float*> rows;  // one pointer per key row
   AlignedFloats xt, yt, buf;
-  // [heads][16][D] compact copies of the tile's q and dout rows (backward). In the tensors
-  // they lie heads * D floats apart, a power of two that would map them all to a few cache
-  // sets, where the key rows streaming through the scatter evict them.
+  // [heads][kLanes][PaddedDim] compact copies of the tile's q and dout rows (backward),
+  // zero-padded to whole vectors. In the tensors they lie heads * D floats apart, a power of
+  // two that would map them all to a few cache sets, where the key rows streaming through
+  // the scatter evict them.
   AlignedFloats q_rows, dout_rows;
-  float* s0;  // [heads][slots][16] logits, probabilities
-  float* s1;  // [heads][slots][16] second lane matrix (backward: scaled ds)
-  float* s2;  // [slots][16] temporary
-  float* stat;  // [4][16] per-lane statistics
+  float* s0;  // [heads][slots][kLanes] logits, probabilities
+  float* s1;  // [heads][slots][kLanes] second lane matrix (backward: scaled ds)
+  float* s2;  // [slots][kLanes] temporary
+  float* stat;  // [4][kLanes] per-lane statistics
 
   LaneScratch(const NaGeometry& s, int64_t heads)
       : slots(s.window()), key_row(s.kernel[0] * s.kernel[1]), bias_row(key_row.size()),
         rows(key_row.size()), xt(s.dim * kLanes), yt(s.dim * kLanes),
-        buf((2 * heads + 1) * slots * kLanes + 4 * kLanes), q_rows(heads * kLanes * s.dim),
-        dout_rows(heads * kLanes * s.dim) {
+        buf((2 * heads + 1) * slots * kLanes + 4 * kLanes),
+        q_rows(heads * kLanes * PaddedDim(s), true), dout_rows(heads * kLanes * PaddedDim(s), true) {
     s0 = buf.data();
     s1 = s0 + heads * slots * kLanes;
     s2 = s1 + heads * slots * kLanes;
@@ -255,31 +254,27 @@ struct LaneScratch {
 };
 
 // Adds this head's rpb to the logits of every slot and sets masked slots to -inf; returns
-// the lanes' maxima. logit: [n_rows * K2][16].
-inline __m512 FinishLogits(const NaGeometry& s, const LaneTask& t, const float* rpb_h, float* logit) {
+// the lanes' maxima. logit: [n_rows * K2][kLanes].
+inline Vf FinishLogits(const NaGeometry& s, const LaneTask& t, const float* rpb_h, float* logit) {
   const LaneTile& tile = *t.tile;
   const int64_t K2 = s.kernel[2];
-  const __m512i rpb0 = _mm512_load_si512(tile.rpb0);
-  const __m512i count = _mm512_load_si512(tile.count);
-  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
-  __m512 m = neg_inf;
+  const Vi count = LoadI(tile.count);
+  const Vf neg_inf = Set1(-INFINITY);
+  Vf m = neg_inf;
   for (int64_t r = 0; r < t.n_rows; ++r) {
     for (int64_t n = 0; n < K2; ++n) {
       float* x = logit + (r * K2 + n) * kLanes;
-      __m512 v = _mm512_load_ps(x);
+      Vf v = Load(x);
       if (rpb_h != nullptr && tile.same_rpb) {
-        v = _mm512_add_ps(v, _mm512_set1_ps(rpb_h[t.bias_row[r] + tile.rpb0[0] + n]));
+        v += Set1(rpb_h[t.bias_row[r] + tile.rpb0[0] + n]);
       } else if (rpb_h != nullptr) {
-        const __m512i idx = _mm512_add_epi32(rpb0, _mm512_set1_epi32(static_cast<int32_t>(n)));
-        v = _mm512_add_ps(v, _mm512_i32gather_ps(idx, rpb_h + t.bias_row[r], 4));
+        Vf bias;
+        for (int j = 0; j < kLanes; ++j) bias[j] = rpb_h[t.bias_row[r] + tile.rpb0[j] + n];
+        v += bias;
       }
-      if (!tile.full) {
-        const __mmask16 valid =
-            _mm512_cmpgt_epi32_mask(count, _mm512_set1_epi32(static_cast<int32_t>(n)));
-        v = _mm512_mask_mov_ps(neg_inf, valid, v);
-      }
-      _mm512_store_ps(x, v);
-      m = _mm512_max_ps(m, v);
+      if (!tile.full) v = Select(count > Set1I(static_cast<int32_t>(n)), v, neg_inf);
+      Store(x, v);
+      m = Max(m, v);
     }
   }
   return m;
@@ -302,142 +297,145 @@ inline void LaneForwardTile(const NaGeometry& s, const LaneTask& t, const PlaneT
     LaneDots(sc.xt.data(), t.transposed(kt, r), W, D, K2, rel, tile.aligned,
              sc.s0 + r * K2 * kLanes);
   }
-  const __m512 m = FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, sc.s0);
-  __m512 sum = _mm512_setzero_ps();
+  const Vf m = FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, sc.s0);
+  Vf sum = {};
   for (int64_t n = 0; n < t.n_rows * K2; ++n) {
     float* x = sc.s0 + n * kLanes;
-    const __m512 e = Exp16(_mm512_sub_ps(_mm512_load_ps(x), m));
-    _mm512_store_ps(x, e);
-    sum = _mm512_add_ps(sum, e);
+    const Vf e = Exp(Load(x) - m);
+    Store(x, e);
+    sum += e;
   }
   for (int64_t r = 0; r < t.n_rows; ++r) sc.rows[r] = t.transposed(vt, r);
   LaneColumnSums(sc.s0, sc.rows.data(), t.n_rows, K2, W, D, rel, tile.aligned, sc.yt.data());
-  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), sum);
+  const Vf inv = Set1(1.0f) / sum;
   for (int64_t d = 0; d < D; ++d) {
     float* y = sc.yt.data() + d * kLanes;
-    _mm512_store_ps(y, _mm512_mul_ps(inv, _mm512_load_ps(y)));
+    Store(y, inv * Load(y));
   }
   const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
   const int64_t lane_step = s.dilation[2] * s.heads;  // between consecutive lanes' queries
   StoreLanesToRows(sc.yt.data(), tile.lanes, D, out + q0 * D, lane_step * D);
-  _mm512_store_ps(sc.stat, m);
-  _mm512_store_ps(sc.stat + kLanes, sum);
+  Store(sc.stat, m);
+  Store(sc.stat + kLanes, sum);
   for (int64_t j = 0; j < tile.lanes; ++j) {
     lse[q0 + j * lane_step] = sc.stat[j] + std::log(sc.stat[kLanes + j]);
   }
 }
 
-inline void LaneFusedForward(const NaGeometry& s, const float* q, const float* k, const float* v,
-                             const float* rpb, float scale, float* out, float* lse) {
+inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const float* q,
+                             const float* k, const float* v, const float* rpb, float scale,
+                             float* out, float* lse) {
   std::vector<LaneTile> tiles = LaneTilesOfRow(s);
   const ColumnLayout layout(s, tiles);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()), rows = s.length[0] * s.length[1];
   const int64_t G = s.group(), planes = s.batch * s.kv_heads, units = rows * n_tiles;
   const bool threads = WorthThreads(s);
-  // Each thread transposes the (batch, kv head) planes it works on into its own buffers, so
-  // that threads meet only at the end: on a busy machine every barrier waits for whichever
-  // thread was descheduled. With fewer planes than threads, planes are split into bands of
+  // Each worker transposes the (batch, kv head) planes it works on into its own buffers, so
+  // that workers meet only at the end: on a busy machine every barrier waits for whichever
+  // thread was descheduled. With fewer planes than workers, planes are split into bands of
   // (row, tile) units, each transposing only the key rows its windows cover.
-  const int64_t P = threads ? omp_get_max_threads() : 1;
+  const int64_t P = threads ? workers.size() : 1;
   const int64_t bands = std::min(units, (P + planes - 1) / planes);
   const int64_t band_len = (units + bands - 1) / bands;
-#pragma omp parallel if (threads)
-  {
-    LaneScratch sc(s, 1);
-    PlaneTransposed kt(s, layout, 0), vt(s, layout, 1);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < planes * bands; ++item) {
-      LaneTask t;
-      t.b = item / bands / s.kv_heads;
-      t.hk = item / bands % s.kv_heads;
-      const int64_t u0 = item % bands * band_len, u1 = std::min(units, u0 + band_len);
-      if (u0 >= u1) continue;
-      int64_t first = rows, last = -1;  // key rows the band's windows cover
-      for (int64_t row = u0 / n_tiles; row <= (u1 - 1) / n_tiles; ++row) {
-        const int64_t n = KeyRowsOf(s, row, sc.key_row.data(), sc.bias_row.data());
-        for (int64_t r = 0; r < n; ++r) {
-          first = std::min(first, sc.key_row[r]);
-          last = std::max(last, sc.key_row[r]);
-        }
-      }
-      kt.Fill(k, t.b, t.hk, first, last + 1);
-      vt.Fill(v, t.b, t.hk, first, last + 1);
-      t.key_row = sc.key_row.data();
-      t.bias_row = sc.bias_row.data();
-      t.row = -1;
-      for (int64_t u = u0; u < u1; ++u) {
-        if (u / n_tiles != t.row) {
-          t.row = u / n_tiles;
-          t.n_rows = KeyRowsOf(s, t.row, sc.key_row.data(), sc.bias_row.data());
-        }
-        t.tile = &tiles[u % n_tiles];
-        for (int64_t g = 0; g < G; ++g) {  // heads sharing the kv head: the same key rows
-          t.h = t.hk * G + g;
-          LaneForwardTile(s, t, kt, vt, q, rpb, scale, sc, out, lse);
-        }
+  struct Scratch {
+    LaneScratch lanes;
+    PlaneTransposed kt, vt;
+  };
+  ForEachItem(workers, threads, planes * bands,
+              [&] { return Scratch{LaneScratch(s, 1), PlaneTransposed(s, layout, 0),
+                                   PlaneTransposed(s, layout, 1)}; },
+              [&](Scratch& sc, int64_t item) {
+    LaneTask t;
+    t.b = item / bands / s.kv_heads;
+    t.hk = item / bands % s.kv_heads;
+    const int64_t u0 = item % bands * band_len, u1 = std::min(units, u0 + band_len);
+    if (u0 >= u1) return;
+    int64_t first = rows, last = -1;  // key rows the band's windows cover
+    for (int64_t row = u0 / n_tiles; row <= (u1 - 1) / n_tiles; ++row) {
+      const int64_t n = KeyRowsOf(s, row, sc.lanes.key_row.data(), sc.lanes.bias_row.data());
+      for (int64_t r = 0; r < n; ++r) {
+        first = std::min(first, sc.lanes.key_row[r]);
+        last = std::max(last, sc.lanes.key_row[r]);
       }
     }
-  }
+    sc.kt.Fill(k, t.b, t.hk, first, last + 1);
+    sc.vt.Fill(v, t.b, t.hk, first, last + 1);
+    t.key_row = sc.lanes.key_row.data();
+    t.bias_row = sc.lanes.bias_row.data();
+    t.row = -1;
+    for (int64_t u = u0; u < u1; ++u) {
+      if (u / n_tiles != t.row) {
+        t.row = u / n_tiles;
+        t.n_rows = KeyRowsOf(s, t.row, sc.lanes.key_row.data(), sc.lanes.bias_row.data());
+      }
+      t.tile = &tiles[u % n_tiles];
+      for (int64_t g = 0; g < G; ++g) {  // heads sharing the kv head: the same key rows
+        t.h = t.hk * G + g;
+        LaneForwardTile(s, t, sc.kt, sc.vt, q, rpb, scale, sc.lanes, out, lse);
+      }
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
 // Lane vector of a per-(token, head) statistic [B, tokens, H] for the tile's queries.
-inline __m512 LaneStat(const NaGeometry& s, const LaneTask& t, const float* x, float* tmp) {
+inline Vf LaneStat(const NaGeometry& s, const LaneTask& t, const float* x) {
   const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
   const int64_t step = s.dilation[2] * s.heads;
-  for (int64_t j = 0; j < kLanes; ++j) tmp[j] = j < t.tile->lanes ? x[q0 + j * step] : 0.0f;
-  return _mm512_loadu_ps(tmp);
+  Vf r = {};
+  for (int64_t j = 0; j < t.tile->lanes; ++j) r[j] = x[q0 + j * step];
+  return r;
 }
 
-// One head of one tile: probabilities p (into sc.s0 + g * slots * 16) and scale * ds (into
-// sc.s1 + ...), the rpb gradient of the head (rpb_grad, or nullptr), and dq of its queries.
+// One head of one tile: probabilities p (into sc.s0 + g * slots * kLanes) and scale * ds
+// (into sc.s1 + ...), the rpb gradient of the head (rpb_grad, or nullptr), and dq of its
+// queries.
 inline void LaneBackwardHead(const NaGeometry& s, const LaneTask& t, const PlaneTransposed& kt,
                              const PlaneTransposed& vt, const float* q, const float* rpb,
                              const float* dout, const float* lse, const float* delta,
                              float scale, int64_t g, LaneScratch& sc, float* rpb_grad,
                              float* dq) {
   const LaneTile& tile = *t.tile;
-  const int64_t K2 = s.kernel[2], W = kt.width(), D = s.dim, n_slots = t.n_rows * K2;
+  const int64_t K2 = s.kernel[2], W = kt.width(), D = s.dim, Dp = PaddedDim(s);
+  const int64_t n_slots = t.n_rows * K2;
   const int32_t* rel = tile.shifted ? nullptr : tile.rel;
   float* p = sc.s0 + g * sc.slots * kLanes;
   float* ds = sc.s1 + g * sc.slots * kLanes;
   float* dp = sc.s2;
   const float* rows[kLanes];
-  float* q_copy = sc.q_rows.data() + g * kLanes * D;
-  float* dout_copy = sc.dout_rows.data() + g * kLanes * D;
+  float* q_copy = sc.q_rows.data() + g * kLanes * Dp;
+  float* dout_copy = sc.dout_rows.data() + g * kLanes * Dp;
   for (int j = 0; j < kLanes; ++j) rows[j] = t.query_row(s, q, j);
   StoreTransposed(rows, kLanes, D, scale, sc.xt.data(), kLanes);
-  for (int64_t j = 0; j < tile.lanes; ++j) std::copy(rows[j], rows[j] + D, q_copy + j * D);
+  for (int64_t j = 0; j < tile.lanes; ++j) std::copy(rows[j], rows[j] + D, q_copy + j * Dp);
   for (int j = 0; j < kLanes; ++j) rows[j] = t.query_row(s, dout, j);
   StoreTransposed(rows, kLanes, D, 1.0f, sc.yt.data(), kLanes);
-  for (int64_t j = 0; j < tile.lanes; ++j) std::copy(rows[j], rows[j] + D, dout_copy + j * D);
+  for (int64_t j = 0; j < tile.lanes; ++j) std::copy(rows[j], rows[j] + D, dout_copy + j * Dp);
   for (int64_t r = 0; r < t.n_rows; ++r) {
     LaneDots(sc.xt.data(), t.transposed(kt, r), W, D, K2, rel, tile.aligned, p + r * K2 * kLanes);
     LaneDots(sc.yt.data(), t.transposed(vt, r), W, D, K2, rel, tile.aligned, dp + r * K2 * kLanes);
   }
   FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, p);
-  const __m512 lse_v = LaneStat(s, t, lse, sc.stat);
-  const __m512 delta_v = LaneStat(s, t, delta, sc.stat);
-  const __m512 sv = _mm512_set1_ps(scale);
-  const __m512i count = _mm512_load_si512(tile.count);
+  const Vf lse_v = LaneStat(s, t, lse);
+  const Vf delta_v = LaneStat(s, t, delta);
+  const Vi count = LoadI(tile.count);
   for (int64_t n = 0; n < n_slots; ++n) {
     // Masked slots hold -inf logits: p = 0 there, and ds = 0 whatever dp holds.
-    const __mmask16 valid =
-        _mm512_cmpgt_epi32_mask(count, _mm512_set1_epi32(static_cast<int32_t>(n % K2)));
-    const __m512 pv = Exp16(_mm512_sub_ps(_mm512_load_ps(p + n * kLanes), lse_v));
-    const __m512 dsv =
-        _mm512_maskz_mul_ps(valid, pv, _mm512_sub_ps(_mm512_load_ps(dp + n * kLanes), delta_v));
-    _mm512_store_ps(p + n * kLanes, _mm512_maskz_mov_ps(valid, pv));
-    _mm512_store_ps(ds + n * kLanes, _mm512_mul_ps(sv, dsv));
+    const Vi valid = count > Set1I(static_cast<int32_t>(n % K2));
+    const Vf pv = Select(valid, Exp(Load(p + n * kLanes) - lse_v), Vf{});
+    const Vf dsv = Select(valid, pv * (Load(dp + n * kLanes) - delta_v), Vf{});
+    Store(p + n * kLanes, pv);
+    Store(ds + n * kLanes, Set1(scale) * dsv);
     if (rpb_grad != nullptr) {  // dsv is 0 at masked slots
       float* bias = rpb_grad + t.bias_row[n / K2] + n % K2;
       if (tile.same_rpb) {
-        bias[tile.rpb0[0]] += _mm512_mask_reduce_add_ps(TailMask(tile.lanes), dsv);
+        float sum = 0.0f;
+        for (int64_t j = 0; j < tile.lanes; ++j) sum += dsv[j];
+        bias[tile.rpb0[0]] += sum;
       } else {
-        _mm512_store_ps(sc.stat, dsv);
-        for (int64_t j = 0; j < tile.lanes; ++j) bias[tile.rpb0[j]] += sc.stat[j];
+        for (int64_t j = 0; j < tile.lanes; ++j) bias[tile.rpb0[j]] += dsv[j];
       }
     }
   }
@@ -448,19 +446,17 @@ inline void LaneBackwardHead(const NaGeometry& s, const LaneTask& t, const Plane
 }
 
 // acc_a / acc_b rows of every key that the tile's windows cover += sum over the (head, lane)
-// pairs that see the key of weight * (the pair's row of xa / xb, [heads][16][D]): one
+// pairs that see the key of weight * (the pair's row of xa / xb, [heads][kLanes][Dp]): one
 // read-modify-write per key. Pair (g, j) sees key column start0 + c at slot c - rel[j] of
-// its lane matrices wa / wb. Columns d0 .. d0 + 16 * NC of the rows (the last vector masked
-// to D).
+// its lane matrices wa / wb. Columns d0 .. d0 + kLanes * NC of the rows (accumulator rows
+// and xa / xb rows are Dp = PaddedDim floats long).
 template <int NC>
 inline void LaneScatterRows(const NaGeometry& s, const LaneTask& t, const float* wa,
                             const float* wb, const float* xa, const float* xb,
                             const ScatterItem& it, int64_t d0) {
   const LaneTile& tile = *t.tile;
-  const int64_t D = s.dim, G = s.group(), K2 = s.kernel[2], slots = s.window();
-  __mmask16 mk[NC];
-  for (int c = 0; c < NC; ++c) mk[c] = TailMask(D - d0 - 16 * c);
-  int32_t lane_w[kLanes];  // lane j's weight at key column c: wa[(c + slot row) * 16 + lane_w[j]]
+  const int64_t Dp = PaddedDim(s), G = s.group(), K2 = s.kernel[2], slots = s.window();
+  int32_t lane_w[kLanes];  // lane j's weight at key column c: wa[(c + slot row) * kLanes + lane_w[j]]
   for (int j = 0; j < kLanes; ++j) lane_w[j] = j - tile.rel[j] * kLanes;
   for (int64_t r = 0; r < t.n_rows; ++r) {
     int64_t jlo = 0, jhi = 0;
@@ -472,27 +468,27 @@ inline void LaneScatterRows(const NaGeometry& s, const LaneTask& t, const float*
       const int64_t key = t.key_token(s, r, tile.start0 + c);
       float* ka = it.acc_a + key * it.stride + d0;
       float* kb = it.acc_b + key * it.stride + d0;
-      __m512 a[NC], b[NC];
+      Vf a[NC], b[NC];
       for (int v = 0; v < NC; ++v) {
-        a[v] = _mm512_maskz_loadu_ps(mk[v], ka + 16 * v);
-        b[v] = _mm512_maskz_loadu_ps(mk[v], kb + 16 * v);
+        a[v] = LoadU(ka + kLanes * v);
+        b[v] = LoadU(kb + kLanes * v);
       }
       for (int64_t g = 0; g < G; ++g) {
         const int64_t w0 = (g * slots + r * K2 + c) * kLanes;
         for (int64_t j = jlo; j < jhi; ++j) {
-          const __m512 va = _mm512_set1_ps(wa[w0 + lane_w[j]]);
-          const __m512 vb = _mm512_set1_ps(wb[w0 + lane_w[j]]);
-          const float* ra = xa + (g * kLanes + j) * D + d0;
-          const float* rb = xb + (g * kLanes + j) * D + d0;
+          const Vf va = Set1(wa[w0 + lane_w[j]]);
+          const Vf vb = Set1(wb[w0 + lane_w[j]]);
+          const float* ra = xa + (g * kLanes + j) * Dp + d0;
+          const float* rb = xb + (g * kLanes + j) * Dp + d0;
           for (int v = 0; v < NC; ++v) {
-            a[v] = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(mk[v], ra + 16 * v), a[v]);
-            b[v] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mk[v], rb + 16 * v), b[v]);
+            a[v] = Fma(va, LoadU(ra + kLanes * v), a[v]);
+            b[v] = Fma(vb, LoadU(rb + kLanes * v), b[v]);
           }
         }
       }
       for (int v = 0; v < NC; ++v) {
-        _mm512_mask_storeu_ps(ka + 16 * v, mk[v], a[v]);
-        _mm512_mask_storeu_ps(kb + 16 * v, mk[v], b[v]);
+        StoreU(ka + kLanes * v, a[v]);
+        StoreU(kb + kLanes * v, b[v]);
       }
     }
   }
@@ -503,21 +499,20 @@ inline void LaneScatter(const NaGeometry& s, const LaneTask& t, const LaneScratc
                         const ScatterItem& it) {
   const float* q = sc.q_rows.data();
   const float* dout = sc.dout_rows.data();
-  // Rows of up to 64 floats stay in registers; longer ones go 64 columns at a time.
-  for (int64_t d = 0; d < s.dim; d += 64) {
-    switch ((std::min<int64_t>(s.dim - d, 64) + 15) / 16) {
-      case 1: LaneScatterRows<1>(s, t, sc.s1, sc.s0, q, dout, it, d); break;
-      case 2: LaneScatterRows<2>(s, t, sc.s1, sc.s0, q, dout, it, d); break;
-      case 3: LaneScatterRows<3>(s, t, sc.s1, sc.s0, q, dout, it, d); break;
-      default: LaneScatterRows<4>(s, t, sc.s1, sc.s0, q, dout, it, d); break;
-    }
+  // Up to 4 vectors of each row stay in registers; longer rows go 4 vectors at a time.
+  constexpr int kChunk = 4;
+  const int64_t Dp = PaddedDim(s);
+  for (int64_t d = 0; d < Dp; d += kChunk * kLanes) {
+    WithCount<kChunk>((std::min<int64_t>(Dp - d, kChunk * kLanes)) / kLanes, [&](auto nc) {
+      LaneScatterRows<decltype(nc)::value>(s, t, sc.s1, sc.s0, q, dout, it, d);
+    });
   }
 }
 
-inline void LaneFusedBackward(const NaGeometry& s, const float* q, const float* k, const float* v,
-                              const float* rpb, const float* dout, const float* lse,
-                              const float* delta, float scale, float* dq, float* dk, float* dv,
-                              float* drpb) {
+inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const float* q,
+                              const float* k, const float* v, const float* rpb,
+                              const float* dout, const float* lse, const float* delta,
+                              float scale, float* dq, float* dk, float* dv, float* drpb) {
   std::vector<LaneTile> tiles = LaneTilesOfRow(s);
   const ColumnLayout layout(s, tiles);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()), rows = s.length[0] * s.length[1];
@@ -527,7 +522,8 @@ inline void LaneFusedBackward(const NaGeometry& s, const float* q, const float* 
     PlaneTransposed kt, vt;
     int64_t b = -1, hk = -1;  // the plane in kt, vt
   };
-  ForEachScatterItem(s, rows * n_tiles, dk, dv, rpb != nullptr ? drpb : nullptr,
+  ForEachScatterItem(s, workers, rows * n_tiles, PaddedDim(s), dk, dv,
+                     rpb != nullptr ? drpb : nullptr,
                      [&] {
                        return Scratch{LaneScratch(s, G), PlaneTransposed(s, layout, 0),
                                       PlaneTransposed(s, layout, 1)};
@@ -563,6 +559,4 @@ inline void LaneFusedBackward(const NaGeometry& s, const float* q, const float* 
   });
 }
 
-}  // namespace jnat::cpu
-
-#endif  // JNAT_CPU_AVX512
+}  // namespace jnat::cpu::JNAT_ISA_NS

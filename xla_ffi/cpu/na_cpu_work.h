@@ -5,27 +5,33 @@
 // 2K2-1] (nullptr: none).
 #pragma once
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <vector>
 
 #include "common/na_geometry.h"
+#include "cpu/na_cpu_vec.h"
+#include "cpu/na_cpu_workers.h"
 
-namespace jnat::cpu {
-
+namespace jnat::cpu::JNAT_ISA_NS {
 
 // Parallel regions only pay off above this many multiply-adds.
 inline bool WorthThreads(const NaGeometry& s) {
   return static_cast<double>(s.batch) * s.tokens() * s.heads * s.window() * (s.dim + 1) > 3.0e4;
 }
 
-// 64-byte aligned float storage, left uninitialised.
+// Row length of the backward's scatter buffers: D rounded up to whole vectors, so that the
+// scatter needs no partial loads and stores.
+inline int64_t PaddedDim(const NaGeometry& s) { return (s.dim + kLanes - 1) / kLanes * kLanes; }
+
+// 64-byte aligned float storage, left uninitialised unless `zeroed`.
 class AlignedFloats {
  public:
-  explicit AlignedFloats(size_t n) : raw_(new float[n + 16]) { data_ = Align(raw_.get()); }
+  explicit AlignedFloats(size_t n, bool zeroed = false)
+      : raw_(zeroed ? new float[n + 16]() : new float[n + 16]) {
+    data_ = Align(raw_.get());
+  }
   float* data() const { return data_; }
 
   static float* Align(float* p) {
@@ -71,8 +77,8 @@ class CallScratch {
 // float32 accumulators, summed afterwards in a fixed order: results never depend on scheduling.
 
 // One unit of scatter work: tiles [tile_begin, tile_end) of (b, hk). Its accumulators are
-// always compact ([tokens][D], stride D): in the outputs a key's row lies Hkv * D floats from
-// the next, a power of two that maps the rows a tile updates to a few cache sets.
+// always compact ([tokens][stride], stride >= D): in the outputs a key's row lies Hkv * D
+// floats from the next, a power of two that maps the rows a tile updates to a few cache sets.
 struct ScatterItem {
   int64_t b = 0, hk = 0;
   int64_t tile_begin = 0, tile_end = 0;
@@ -83,17 +89,18 @@ struct ScatterItem {
 };
 
 // Runs body(scratch, item) over a partition of n_tiles tiles per (batch, kv head), scratch
-// coming from make_scratch() once per thread, and sums the items' contributions into acc_a /
+// coming from make_scratch() once per worker, and sums the items' contributions into acc_a /
 // acc_b ([B, tokens, Hkv, D], overwritten; acc_b may be nullptr) and drpb ([H, RR],
-// overwritten; nullptr: none).
+// overwritten; nullptr: none). The items' accumulator rows are `stride` floats apart.
 template <typename MakeScratch, typename Body>
-void ForEachScatterItem(const NaGeometry& s, int64_t n_tiles, float* acc_a, float* acc_b,
-                        float* drpb, MakeScratch&& make_scratch, Body&& body) {
+void ForEachScatterItem(const NaGeometry& s, const Workers& workers, int64_t n_tiles,
+                        int64_t stride, float* acc_a, float* acc_b, float* drpb,
+                        MakeScratch&& make_scratch, Body&& body) {
   const int64_t N = s.tokens(), D = s.dim, G = s.group(), RR = s.rpb_size();
   const int64_t units = s.batch * s.kv_heads;
   const int64_t n_acc = acc_b != nullptr ? 2 : 1;
   const bool threads = WorthThreads(s);
-  const int64_t P = threads ? omp_get_max_threads() : 1;
+  const int64_t P = threads ? workers.size() : 1;
 
   int64_t bands = 1;
   if (P > 1 && units % P != 0 && units < 4 * P) {
@@ -104,67 +111,64 @@ void ForEachScatterItem(const NaGeometry& s, int64_t n_tiles, float* acc_a, floa
   const int64_t items = units * bands;
   const int64_t band_len = (n_tiles + bands - 1) / bands;
 
+  const int64_t plane = N * stride;  // one item's accumulator
   std::vector<float> priv_a, priv_b;
   if (bands > 1) {
-    priv_a.assign(static_cast<size_t>(items * N * D), 0.0f);
-    if (n_acc == 2) priv_b.assign(static_cast<size_t>(items * N * D), 0.0f);
+    priv_a.assign(static_cast<size_t>(items * plane), 0.0f);
+    if (n_acc == 2) priv_b.assign(static_cast<size_t>(items * plane), 0.0f);
   }
   std::vector<float> priv_rpb(drpb != nullptr ? static_cast<size_t>(items * G * RR) : 0, 0.0f);
 
-#pragma omp parallel if (threads)
-  {
-    auto scratch = make_scratch();
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < items; ++i) {
-      ScatterItem it;
-      const int64_t band = i % bands, unit = i / bands;
-      it.b = unit / s.kv_heads;
-      it.hk = unit % s.kv_heads;
-      it.tile_begin = band * band_len;
-      it.tile_end = std::min(n_tiles, (band + 1) * band_len);
-      it.stride = D;
-      if (bands > 1) {
-        it.acc_a = priv_a.data() + i * N * D;
-        it.acc_b = n_acc == 2 ? priv_b.data() + i * N * D : nullptr;
-      }
-      // Otherwise this thread's buffers, copied out below.
-      const CallScratch own_a(2, bands == 1 ? N * D : 0), own_b(3, bands == 1 ? N * D : 0);
-      if (bands == 1) {
-        it.acc_a = own_a.data();
-        it.acc_b = n_acc == 2 ? own_b.data() : nullptr;
-        std::fill(it.acc_a, it.acc_a + N * D, 0.0f);
-        if (n_acc == 2) std::fill(it.acc_b, it.acc_b + N * D, 0.0f);
-      }
-      it.rpb = drpb != nullptr ? priv_rpb.data() + i * G * RR : nullptr;
-      body(scratch, it);
-      if (bands == 1) {
-        for (int pass = 0; pass < n_acc; ++pass) {
-          const float* src = pass == 0 ? it.acc_a : it.acc_b;
-          float* dst = (pass == 0 ? acc_a : acc_b) + (it.b * N * s.kv_heads + it.hk) * D;
-          for (int64_t t = 0; t < N; ++t) {
-            std::copy(src + t * D, src + (t + 1) * D, dst + t * s.kv_heads * D);
-          }
+  ForEachItem(workers, threads, items, make_scratch, [&](auto& scratch, int64_t i) {
+    ScatterItem it;
+    const int64_t band = i % bands, unit = i / bands;
+    it.b = unit / s.kv_heads;
+    it.hk = unit % s.kv_heads;
+    it.tile_begin = band * band_len;
+    it.tile_end = std::min(n_tiles, (band + 1) * band_len);
+    it.stride = stride;
+    if (bands > 1) {
+      it.acc_a = priv_a.data() + i * plane;
+      it.acc_b = n_acc == 2 ? priv_b.data() + i * plane : nullptr;
+    }
+    // Otherwise this thread's buffers, copied out below.
+    const CallScratch own_a(2, bands == 1 ? plane : 0), own_b(3, bands == 1 ? plane : 0);
+    if (bands == 1) {
+      it.acc_a = own_a.data();
+      it.acc_b = n_acc == 2 ? own_b.data() : nullptr;
+      std::fill(it.acc_a, it.acc_a + plane, 0.0f);
+      if (n_acc == 2) std::fill(it.acc_b, it.acc_b + plane, 0.0f);
+    }
+    it.rpb = drpb != nullptr ? priv_rpb.data() + i * G * RR : nullptr;
+    body(scratch, it);
+    if (bands == 1) {
+      for (int pass = 0; pass < n_acc; ++pass) {
+        const float* src = pass == 0 ? it.acc_a : it.acc_b;
+        float* dst = (pass == 0 ? acc_a : acc_b) + (it.b * N * s.kv_heads + it.hk) * D;
+        for (int64_t t = 0; t < N; ++t) {
+          std::copy(src + t * stride, src + t * stride + D, dst + t * s.kv_heads * D);
         }
       }
     }
+  });
 
-    if (bands > 1) {
-      const int64_t rows = s.batch * N * s.kv_heads;
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < rows; ++r) {
+  if (bands > 1) {  // the bands' accumulators, summed in band order
+    const int64_t rows = s.batch * N * s.kv_heads;
+    ForEachRange(workers, rows, threads ? 64 : rows + 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
         const int64_t hk = r % s.kv_heads, t = (r / s.kv_heads) % N, b = r / (s.kv_heads * N);
         const int64_t first = (b * s.kv_heads + hk) * bands;
         for (int pass = 0; pass < n_acc; ++pass) {
-          const float* src = (pass == 0 ? priv_a : priv_b).data() + t * D;
+          const float* src = (pass == 0 ? priv_a : priv_b).data() + t * stride;
           float* dst = (pass == 0 ? acc_a : acc_b) + r * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = src[first * N * D + d];
+          for (int64_t d = 0; d < D; ++d) dst[d] = src[first * plane + d];
           for (int64_t j = 1; j < bands; ++j) {
-            const float* sj = src + (first + j) * N * D;
+            const float* sj = src + (first + j) * plane;
             for (int64_t d = 0; d < D; ++d) dst[d] += sj[d];
           }
         }
       }
-    }
+    });
   }
 
   if (drpb != nullptr) {
@@ -183,4 +187,4 @@ void ForEachScatterItem(const NaGeometry& s, int64_t n_tiles, float* acc_a, floa
   }
 }
 
-}  // namespace jnat::cpu
+}  // namespace jnat::cpu::JNAT_ISA_NS

@@ -1,0 +1,145 @@
+// The vector abstraction the CPU kernels are written over: kLanes floats per vector (GCC/Clang
+// vector extensions), with the few operations the kernels need.
+//
+// One source, several instruction sets: na_cpu_isa_kernels.cc compiles the kernel headers
+// once per instruction set, each time in its own namespace (JNAT_ISA_NS) and with that
+// instruction set enabled for the functions it defines. The width follows the instruction
+// set: 16 lanes for AVX-512, 8 for AVX2 + FMA, 4 for the baseline (SSE2 on x86-64, NEON on
+// Arm). Plain vector arithmetic compiles to that instruction set's instructions (multiply-
+// adds contract into FMA where it has one); only the lane permute has per-ISA intrinsics.
+#pragma once
+
+#ifndef JNAT_ISA_NS
+#error "the CPU kernels are compiled only through na_cpu_isa_kernels.cc"
+#endif
+
+#include <cstdint>
+#include <utility>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace jnat::cpu::JNAT_ISA_NS {
+
+#if JNAT_ISA_AVX512
+inline constexpr int kLanes = 16;
+#elif JNAT_ISA_AVX2
+inline constexpr int kLanes = 8;
+#else
+inline constexpr int kLanes = 4;
+#endif
+
+typedef float Vf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t Vi __attribute__((vector_size(4 * kLanes)));
+
+// Interior windows read two aligned vectors and shift them in registers instead of issuing
+// one unaligned load per window slot: a gain where a full-width load usually splits a cache
+// line (64-byte vectors).
+inline constexpr bool kShiftInRegisters = kLanes == 16;
+
+inline Vf Load(const float* p) { return *reinterpret_cast<const Vf*>(p); }  // aligned
+inline void Store(float* p, Vf v) { *reinterpret_cast<Vf*>(p) = v; }      // aligned
+inline Vf LoadU(const float* p) {
+  Vf v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void StoreU(float* p, Vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
+inline Vi LoadI(const int32_t* p) { return *reinterpret_cast<const Vi*>(p); }  // aligned
+
+// The first n (< kLanes) floats of p, zeros after; and the first n lanes of v stored to p.
+inline Vf LoadFirst(const float* p, int64_t n) {
+  Vf v = {};
+  __builtin_memcpy(&v, p, sizeof(float) * n);
+  return v;
+}
+inline void StoreFirst(float* p, Vf v, int64_t n) { __builtin_memcpy(p, &v, sizeof(float) * n); }
+
+inline Vf Set1(float x) { return Vf{} + x; }
+inline Vi Set1I(int32_t x) { return Vi{} + x; }
+inline Vf Fma(Vf a, Vf b, Vf c) { return a * b + c; }
+inline Vf Max(Vf a, Vf b) { return a > b ? a : b; }
+inline Vf Select(Vi mask, Vf a, Vf b) { return mask ? a : b; }
+
+// Sum of the lanes, in a fixed order.
+inline float ReduceAdd(Vf v) {
+  float s = v[0];
+  for (int j = 1; j < kLanes; ++j) s += v[j];
+  return s;
+}
+
+// Lane j of the result is v[idx[j]] (0 <= idx[j] < kLanes).
+inline Vf Permute(Vf v, Vi idx) {
+#if JNAT_ISA_AVX512
+  return _mm512_permutexvar_ps(reinterpret_cast<__m512i>(idx), v);
+#elif JNAT_ISA_AVX2
+  return _mm256_permutevar8x32_ps(v, reinterpret_cast<__m256i>(idx));
+#else
+  Vf r;
+  for (int j = 0; j < kLanes; ++j) r[j] = v[idx[j]];
+  return r;
+#endif
+}
+
+template <int... I>
+inline Vf ShiftImpl(Vf lo, Vf hi, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(lo, hi, I...);
+}
+
+template <int kShift, int... I>
+inline constexpr auto ShiftIndices(std::integer_sequence<int, I...>) {
+  return std::integer_sequence<int, (kShift + I)...>();
+}
+
+// Lanes kShift .. kShift + kLanes - 1 of the 2 * kLanes in (lo, hi).
+template <int kShift>
+inline Vf Shift(Vf lo, Vf hi) {
+  return ShiftImpl(lo, hi, ShiftIndices<kShift>(std::make_integer_sequence<int, kLanes>()));
+}
+
+// Interleaves of two vectors: a0 b0 a1 b1 ... from the low halves (kHigh: from the high).
+template <bool kHigh, int... I>
+inline Vf Zip(Vf a, Vf b, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(a, b, ((I / 2) + (kHigh ? kLanes / 2 : 0) + (I % 2) * kLanes)...);
+}
+
+// In-register transpose of kLanes vectors: r[i] lane j becomes r[j] lane i. Each round
+// interleaves vector i with vector i + kLanes / 2; log2(kLanes) rounds transpose.
+inline void Transpose(Vf* r) {
+  constexpr auto seq = std::make_integer_sequence<int, kLanes>();
+  for (int round = 1; round < kLanes; round *= 2) {
+    Vf t[kLanes];
+    for (int i = 0; i < kLanes / 2; ++i) {
+      t[2 * i] = Zip<false>(r[i], r[i + kLanes / 2], seq);
+      t[2 * i + 1] = Zip<true>(r[i], r[i + kLanes / 2], seq);
+    }
+    for (int i = 0; i < kLanes; ++i) r[i] = t[i];
+  }
+}
+
+// exp of every lane; relative error ~2 ulp, exact 0 far below the float range (and at -inf).
+inline Vf Exp(Vf x) {
+  x = Max(x, Set1(-104.0f));
+  x = x < Set1(88.7f) ? x : Set1(88.7f);
+  // Round to nearest: adding 1.5 * 2^23 leaves the integer part in the low mantissa bits.
+  const Vf shifter = Set1(12582912.0f);
+  const Vf n = (x * Set1(1.44269504088896341f) + shifter) - shifter;
+  Vf r = Fma(n, Set1(-0.693359375f), x);
+  r = Fma(n, Set1(2.12194440e-4f), r);
+  Vf p = Set1(1.9875691500e-4f);
+  p = Fma(p, r, Set1(1.3981999507e-3f));
+  p = Fma(p, r, Set1(8.3334519073e-3f));
+  p = Fma(p, r, Set1(4.1665795894e-2f));
+  p = Fma(p, r, Set1(1.6666665459e-1f));
+  p = Fma(p, r, Set1(5.0000001201e-1f));
+  p = Fma(p, r * r, r + Set1(1.0f));
+  // p * 2^n with n in [-150, 128]: two factors of 2^(n/2), each a normal float.
+  const Vi ni = __builtin_convertvector(n, Vi);
+  const Vi half = ni >> 1;
+  const Vf s1 = reinterpret_cast<Vf>((half + 127) << 23);
+  const Vf s2 = reinterpret_cast<Vf>((ni - half + 127) << 23);
+  return p * s1 * s2;
+}
+
+}  // namespace jnat::cpu::JNAT_ISA_NS
