@@ -1,8 +1,10 @@
 """Sharded execution on a 4-device CPU mesh: same numbers as one device, no all-gather.
 
 Without the right partitioning rule a custom call is still correct but all-gathers q/k/v
-and runs the whole problem on every device; and without the rpb reduction the rpb gradient
-of a batch-sharded run is silently wrong. Both show here.
+and runs the whole problem on every device; without the rpb reduction the rpb gradient of a
+batch-sharded run is silently wrong; and head-sharded GQA/MQA with replicated kv needs
+each device to pick its kv heads and the kv gradients summed over heads. All show here,
+for every case of sharding_worker.CASES on Auto and Explicit meshes, forward and gradients.
 """
 
 import json
@@ -14,6 +16,12 @@ import sys
 import pytest
 
 from na_testing import ALL_BACKENDS
+from sharding_worker import CASES
+
+# Layouts the xla backend's GQA grouping cannot follow: on Explicit meshes it refuses them
+# (NotImplementedError naming the rule); on Auto meshes XLA's own partitioner gathers.
+XLA_REJECTED = {"gqa-kv-replicated", "gqa-6-3", "gqa-6-3-extra"}
+XLA_AUTO_GATHERS = {"gqa-6-3", "gqa-6-3-extra"}
 
 WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
 
@@ -22,26 +30,46 @@ WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
 def results():
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")]))
-  proc = subprocess.run([sys.executable, str(WORKER), *ALL_BACKENDS], capture_output=True,
+  proc = subprocess.run([sys.executable, str(WORKER), ",".join(ALL_BACKENDS)], capture_output=True,
                         text=True, env=env, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 def test_every_case_ran(results):
-  # backends x (Auto, Explicit) x (batch, heads, both) x (MHA, GQA)
-  assert len(results) == len(ALL_BACKENDS) * 2 * 3 * 2
+  assert len(results) == len(ALL_BACKENDS) * 2 * len(CASES)
 
 
+def _cases(results, backend, explicit):
+  return [r for r in results if r["backend"] == backend and ("Explicit" in r["axis_type"]) == explicit]
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_sharded_matches_single_device(results, backend):
-  for r in (r for r in results if r["backend"] == backend):
+def test_sharded_matches_single_device(results, backend, explicit):
+  for r in _cases(results, backend, explicit):
+    if backend == "xla" and explicit and r["case"] in XLA_REJECTED:
+      assert r["error"].startswith("NotImplementedError: jnat backend='xla'"), r
+      continue
+    assert "error" not in r, r
     assert r["grad_err"] <= 2e-5 and r["loss_err"] <= 1e-3, r
-    assert r["dq_keeps_sharding"], r
+    if not (backend == "xla" and r["case"] in XLA_AUTO_GATHERS):
+      assert r["dq_keeps_sharding"], r
 
 
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_no_all_gather(results, backend):
-  for r in (r for r in results if r["backend"] == backend):
+def test_no_all_gather(results, backend, explicit):
+  for r in _cases(results, backend, explicit):
+    if "error" in r or (backend == "xla" and r["case"] in XLA_AUTO_GATHERS):
+      continue
     assert "all-gather" not in r["collectives"], r
     assert "all-to-all" not in r["collectives"], r
+
+
+@pytest.mark.xfail(strict=True, reason="xla backend on Auto meshes: XLA gathers q for a head "
+                   "split the GQA grouping cannot follow (6 heads over 2 shards, 3 kv heads)")
+def test_xla_auto_gqa_split_without_all_gather(results):
+  for r in _cases(results, "xla", False):
+    if r["case"] in XLA_AUTO_GATHERS:
+      assert "all-gather" not in r["collectives"], r
