@@ -7,6 +7,7 @@ kernels registered as XLA FFI custom calls.
 import importlib
 import importlib.metadata
 
+from jnat.cpu_info import cpu_info
 from jnat.ops import available_backends
 from jnat.ops import na1d
 from jnat.ops import na1d_av
@@ -33,6 +34,7 @@ def __getattr__(name):
 __all__ = [
     "NeighborhoodAttention",
     "available_backends",
+    "cpu_info",
     "na1d",
     "na1d_av",
     "na1d_qk",

@@ -20,6 +20,13 @@ def has_gpu() -> bool:
     return False
 
 
+def pytest_report_header(config):
+  import jnat
+  info = jnat.cpu_info()
+  return (f"jnat cpu kernels: {info['isa']} path on {info['model']} "
+          f"(supported: {', '.join(info['supported'])}; JNAT_CPU_ISA selects one)")
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "gpu: needs a CUDA GPU and the jnat CUDA module")
 

@@ -72,10 +72,6 @@ bool TensorCoreBackwardRequested() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
-const float* RpbOrNull(const NaParams& p, const ffi::AnyBuffer& rpb) {
-  return p.has_rpb ? static_cast<const float*>(rpb.untyped_data()) : nullptr;
-}
-
 // ---------------------------------------------------------------------------------------------
 
 ffi::Error NaFwdDispatch(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
@@ -87,7 +83,7 @@ ffi::Error NaFwdDispatch(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                                 {kernel_size, stride, dilation, is_causal}, scale, &p));
   return Launched("jnat_na_fwd",
                   LaunchNaForward(MakeDims(p), DtypeCode(p.dtype), q.untyped_data(),
-                                  k.untyped_data(), v.untyped_data(), RpbOrNull(p, rpb), p.scale,
+                                  k.untyped_data(), v.untyped_data(), p.rpb_or_null(rpb), p.scale,
                                   out->untyped_data(), static_cast<float*>(lse->untyped_data()),
                                   stream));
 }
@@ -117,11 +113,11 @@ ffi::Error NaBwdDispatch(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
   return Launched(
       "jnat_na_bwd",
       LaunchNaBackward(s, DtypeCode(p.dtype), q.untyped_data(), k.untyped_data(),
-                       v.untyped_data(), RpbOrNull(p, rpb), dout.untyped_data(),
+                       v.untyped_data(), p.rpb_or_null(rpb), dout.untyped_data(),
                        static_cast<const float*>(lse.untyped_data()),
                        static_cast<const float*>(delta.untyped_data()), p.scale,
                        dq->untyped_data(), dk->untyped_data(), dv->untyped_data(),
-                       p.has_rpb ? static_cast<float*>(drpb->untyped_data()) : nullptr, work,
+                       p.drpb_or_null(*drpb), work,
                        stream));
 }
 
@@ -133,7 +129,7 @@ ffi::Error NaQKDispatch(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
       DecodeNaQK(q, k, rpb, *attn, {kernel_size, stride, dilation, is_causal}, &p));
   return Launched("jnat_na_qk",
                   LaunchNaQK(MakeDims(p), DtypeCode(p.dtype), q.untyped_data(), k.untyped_data(),
-                             RpbOrNull(p, rpb), attn->untyped_data(), stream));
+                             p.rpb_or_null(rpb), attn->untyped_data(), stream));
 }
 
 ffi::Error NaQKBwdDispatch(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
@@ -152,7 +148,7 @@ ffi::Error NaQKBwdDispatch(cudaStream_t stream, ffi::ScratchAllocator scratch, f
       LaunchNaQKBackward(s, DtypeCode(p.dtype), DtypeCode(p.attn_dtype), q.untyped_data(),
                          k.untyped_data(), dattn.untyped_data(), dq->untyped_data(),
                          dk->untyped_data(),
-                         p.has_rpb ? static_cast<float*>(drpb->untyped_data()) : nullptr, work,
+                         p.drpb_or_null(*drpb), work,
                          stream));
 }
 
