@@ -45,7 +45,7 @@ class AxisTiling:
   tile: int          # queries per tile T
   tiles: int         # tiles per group
   halo: int          # keys per tile's block W
-  halo_index: np.ndarray  # int32 [units, W]: position in the [d, group_length] key layout
+  halo_offset: int   # tile t's block starts at group position t * T + halo_offset
   mask: np.ndarray        # bool [units, T, W]: key in the query's window (and causally visible)
   rpb_onehot: np.ndarray  # float32 [units, T, W, 2K-1]: the rpb entry of each visible key
 
@@ -76,10 +76,12 @@ def _axis_tiling(length, kernel, stride, dilation, causal, wanted_tile) -> AxisT
   per_tile = lambda x: x.reshape(dilation, tiles, tile * kernel)
   lo = np.where(per_tile(visible), per_tile(key_in_group), group_length).min(axis=(0, 2))
   hi = np.where(per_tile(visible), per_tile(key_in_group), -1).max(axis=(0, 2)) + 1
-  halo = int((hi - lo).max())
-  start = np.minimum(lo, group_length - halo)  # every block inside the group
-  halo_index = (groups[..., None] * group_length + start[None, :, None] +
-                np.arange(halo)).reshape(dilation * tiles, halo)
+  # Blocks at a uniform offset from their tiles (so they are slices of the keys, cheap to
+  # transpose), as wide as the widest union: usually tile + kernel - 1.
+  first = np.arange(tiles) * tile
+  offset = int((lo - first).min())
+  halo = int((hi - first).max()) - offset
+  start = first + offset
 
   units = dilation * tiles
   slot = key_in_group.reshape(units, tile, kernel) - np.tile(start, dilation)[:, None, None]
@@ -89,8 +91,8 @@ def _axis_tiling(length, kernel, stride, dilation, causal, wanted_tile) -> AxisT
   mask[u, t, slot[u, t, k]] = True
   rpb_onehot = np.zeros((units, tile, halo, 2 * kernel - 1), np.float32)
   rpb_onehot[u, t, slot[u, t, k], rpb_index[query.reshape(units, tile)[u, t], k]] = 1.0
-  return AxisTiling(length, dilation, group_length, tile, tiles, halo,
-                    halo_index.astype(np.int32), mask, rpb_onehot)
+  return AxisTiling(length, dilation, group_length, tile, tiles, halo, offset, mask,
+                    rpb_onehot)
 
 
 @functools.lru_cache(maxsize=256)
@@ -105,8 +107,9 @@ def tiling(spatial: tuple[int, ...], nbhd: Neighborhood,
 
 # --- Layout changes: [B, *spatial, H, D] <-> [units, B, H, T or W (over all axes), D]. ---
 
-def _group_axes(x, tilings, lengths):
-  """Spatial axis ``a`` of length L -> one axis ``[d * lengths[a]]`` in group-major order."""
+def _group_axes(x, tilings, pads):
+  """Spatial axis ``a`` -> one axis ``[d * (left + group_length + right)]``, group-major,
+  each dilation group padded by ``pads[a] = (left, right)`` zeros."""
   for a, t in enumerate(tilings):
     axis = 1 + a
     pad = [(0, 0)] * x.ndim
@@ -114,10 +117,10 @@ def _group_axes(x, tilings, lengths):
     x = jnp.pad(x, pad)
     x = x.reshape(*x.shape[:axis], t.group_length, t.dilation, *x.shape[axis + 1:])
     x = jnp.swapaxes(x, axis, axis + 1)
-    pad[axis] = (0, lengths[a] - t.group_length)
+    pad[axis] = pads[a]
     pad.insert(axis, (0, 0))
     x = jnp.pad(x, pad)
-    x = x.reshape(*x.shape[:axis], t.dilation * lengths[a], *x.shape[axis + 2:])
+    x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
   return x
 
 
@@ -132,7 +135,7 @@ def _merge_units(x, rank):
 
 def query_tiles(x, tilings):
   """``[B, *spatial, H, D]`` -> ``[units, B, H, T, D]``."""
-  x = _group_axes(x, tilings, [t.tiles * t.tile for t in tilings])
+  x = _group_axes(x, tilings, [(0, t.tiles * t.tile - t.group_length) for t in tilings])
   for a, t in enumerate(tilings):
     axis = 1 + 2 * a
     x = x.reshape(*x.shape[:axis], t.units, t.tile, *x.shape[axis + 1:])
@@ -140,10 +143,22 @@ def query_tiles(x, tilings):
 
 
 def key_blocks(x, tilings):
-  """``[B, *spatial, Hkv, D]`` -> every tile's haloed block ``[units, B, Hkv, W, D]``."""
-  x = _group_axes(x, tilings, [t.group_length for t in tilings])
-  for a, t in enumerate(tilings):
-    x = jnp.take(x, jnp.asarray(t.halo_index), axis=1 + 2 * a)
+  """``[B, *spatial, Hkv, D]`` -> every tile's haloed block ``[units, B, Hkv, W, D]``.
+
+  Per axis, the keys are cut into tile-sized pieces and block ``t`` joins pieces
+  ``t .. t + parts - 1``: slices and a concatenation, whose transposes are pads and adds.
+  """
+  parts = [-(-t.halo // t.tile) for t in tilings]
+  x = _group_axes(x, tilings, [
+      (-t.halo_offset, (t.tiles + n - 1) * t.tile + t.halo_offset - t.group_length)
+      for t, n in zip(tilings, parts)])
+  for a, (t, n) in enumerate(zip(tilings, parts)):
+    axis = 1 + 2 * a
+    x = x.reshape(*x.shape[:axis], t.dilation, t.tiles + n - 1, t.tile, *x.shape[axis + 1:])
+    x = jnp.concatenate([jax.lax.slice_in_dim(x, j, j + t.tiles, axis=axis + 1)
+                         for j in range(n)], axis=axis + 2)
+    x = jax.lax.slice_in_dim(x, 0, t.halo, axis=axis + 2)
+    x = x.reshape(*x.shape[:axis], t.units, t.halo, *x.shape[axis + 3:])
   return _merge_units(x, len(tilings))
 
 
@@ -179,29 +194,34 @@ def _per_unit(tables):
   return out
 
 
-def tile_bias(rpb, tilings, dtype):
-  """``[units, H or 1, T, W]`` in ``dtype``: ``rpb`` (or 0 without) where a tile query sees a
-  block key, -inf where it does not."""
-  rank = len(tilings)
+def _tile_dims(tilings):
+  return tuple(math.prod(getattr(t, f) for t in tilings) for f in ("units", "tile", "halo"))
+
+
+def tile_mask(tilings):
+  """bool ``[units, 1, T, W]``: which block keys each tile query sees."""
   visible = functools.reduce(jnp.logical_and, _per_unit([jnp.asarray(t.mask) for t in tilings]))
-  units, tile, halo = (math.prod(getattr(t, f) for t in tilings)
-                       for f in ("units", "tile", "halo"))
-  visible = visible.reshape(units, 1, tile, halo)
-  if rpb is None:
-    return jnp.where(visible, jnp.zeros((), dtype), -jnp.inf)
+  units, tile, halo = _tile_dims(tilings)
+  return visible.reshape(units, 1, tile, halo)
+
+
+def tile_rpb(rpb, tilings, dtype):
+  """``[units, H, T, W]``: the rpb entry of every (tile query, block key) pair (0 where the
+  key is not in the query's window; the mask drops those)."""
+  rank = len(tilings)
   letters = iter(string.ascii_letters.replace("h", ""))
   r = [next(letters) for _ in range(rank)]
   u, t, w = ("".join(next(letters) for _ in range(rank)) for _ in range(3))
   operands = [f"h{''.join(r)}"] + [f"{u[a]}{t[a]}{w[a]}{r[a]}" for a in range(rank)]
   spread = functools.partial(jnp.einsum, ",".join(operands) + f"->{u}h{t}{w}")
   onehots = [jnp.asarray(x.rpb_onehot, dtype) for x in tilings]
-  # One-hot products turn -inf into NaN (0 * -inf): spread the finite values and the
-  # -inf positions separately.
+  # One-hot products turn -inf into NaN (0 * -inf): spread the finite values and the -inf
+  # positions (an rpb of -inf masks its slots) separately.
   finite = jnp.isfinite(rpb)
   bias = spread(jnp.where(finite, rpb, 0).astype(dtype), *onehots)
   masked = spread(jnp.where(finite, 0, 1).astype(dtype), *onehots) > 0
-  visible = visible & ~masked.reshape(units, -1, tile, halo)
-  return jnp.where(visible, bias.reshape(units, -1, tile, halo), -jnp.inf)
+  units, tile, halo = _tile_dims(tilings)
+  return jnp.where(masked, -jnp.inf, bias).reshape(units, -1, tile, halo)
 
 
 # --- Attention inside the tiles: custom VJP that recomputes the weights from the lse. ---
@@ -211,19 +231,20 @@ def _acc(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _logits(q, k, bias, scale):
-  """q ``[U, B, Hkv, G*T, D]``, k ``[U, B, Hkv, W, D]``, bias ``[U, H or 1, T, W]`` ->
-  biased logits ``[U, B, Hkv, G, T, W]`` in the accumulation dtype."""
+def _logits(q, k, mask, bias, scale):
+  """q ``[U, B, Hkv, G*T, D]``, k ``[U, B, Hkv, W, D]``, mask ``[U, 1, T, W]``, bias
+  ``[U, H, T, W]`` or None -> masked logits ``[U, B, Hkv, G, T, W]`` (accumulation dtype)."""
   units, b, kv_heads, _, _ = q.shape
-  _, bias_heads, tile, halo = bias.shape
+  _, _, tile, halo = mask.shape
   s = jnp.einsum("ubkmd,ubkwd->ubkmw", q, k, preferred_element_type=_acc(q)) * scale
   s = s.reshape(units, b, kv_heads, -1, tile, halo)
-  groups = bias_heads // kv_heads if bias_heads > 1 else 1
-  return s + bias.reshape(units, 1, bias_heads // groups, groups, tile, halo)
+  if bias is not None:
+    s = s + bias.reshape(units, 1, kv_heads, -1, tile, halo)
+  return jnp.where(mask.reshape(units, 1, 1, 1, tile, halo), s, -jnp.inf)
 
 
-def _forward_units(q, k, v, bias, *, scale):
-  s = _logits(q, k, bias, scale)
+def _forward_units(q, k, v, mask, bias, *, scale):
+  s = _logits(q, k, mask, bias, scale)
   # A window whose every logit is -inf (an rpb of -inf) gives output 0 and lse -inf.
   peak = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(peak), peak, 0.0))
@@ -236,63 +257,76 @@ def _forward_units(q, k, v, bias, *, scale):
   return out.astype(q.dtype), lse.reshape(q.shape[:-1])
 
 
-def _backward_units(q, k, v, bias, out, lse, dout, dlse, *, scale):
+def _transposed_product(a, b):
+  """``a^T b`` over axis -2, ``[..., M, W] x [..., M, D] -> [..., W, D]``, accumulated in
+  float32 or wider. Computed as ``(b^T a)^T``: on CPU the small ``[D, W]`` result is cheaper
+  to transpose than the ``[M, W]`` operand."""
+  return jnp.swapaxes(jnp.einsum("...md,...mw->...dw", b, a, preferred_element_type=_acc(a)),
+                      -1, -2)
+
+
+def _backward_units(q, k, v, mask, bias, out, lse, dout, dlse, *, scale):
   acc = _acc(q)
-  s = _logits(q, k, bias, scale)
+  s = _logits(q, k, mask, bias, scale)
   finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # fully masked rows: p = 0
   p = jnp.exp(s - finite_lse.reshape(s.shape[:-1] + (1,))).reshape(*q.shape[:-1], -1)
   dp = jnp.einsum("ubkmd,ubkwd->ubkmw", dout, v, preferred_element_type=acc)
   # d lse / d s = p, so the lse cotangent joins the softmax's row term.
   delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse
   ds = p * (dp - delta[..., None])
-  dv = jnp.einsum("ubkmw,ubkmd->ubkwd", p.astype(dout.dtype), dout, preferred_element_type=acc)
+  dv = _transposed_product(p.astype(dout.dtype), dout)
   ds_low = ds.astype(q.dtype)
   dq = jnp.einsum("ubkmw,ubkwd->ubkmd", ds_low, k, preferred_element_type=acc) * scale
-  dk = jnp.einsum("ubkmw,ubkmd->ubkwd", ds_low, q, preferred_element_type=acc) * scale
-  units, bias_heads, tile, halo = bias.shape
-  dbias = ds.reshape(units, -1, bias_heads, tile, halo).sum(axis=1).astype(bias.dtype)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
+  dk = _transposed_product(ds_low, q) * scale
+  dbias = None
+  if bias is not None:
+    units, heads, tile, halo = bias.shape
+    dbias = ds.reshape(units, -1, heads, tile, halo).sum(axis=1).astype(bias.dtype)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias
 
 
-def _map_units(fn, chunk, arrays, pad_values):
-  """``fn`` over chunks of ``chunk`` units (axis 0 of every array), one chunk at a time, so
-  that the per-tile intermediates stay small (in cache on a CPU); outputs are re-joined."""
+def _map_units(fn, chunk, *arrays):
+  """``fn`` over chunks of ``chunk`` units (axis 0 of every array; ``chunk`` divides them),
+  one chunk at a time, so that the per-tile intermediates stay small; outputs re-joined."""
   units = arrays[0].shape[0]
   if chunk >= units:
     return fn(*arrays)
-  n = -(-units // chunk)
-  padded = [jnp.pad(x, [(0, n * chunk - units)] + [(0, 0)] * (x.ndim - 1), constant_values=c)
-            for x, c in zip(arrays, pad_values)]
-  outs = jax.lax.map(lambda xs: fn(*xs), [x.reshape(n, chunk, *x.shape[1:]) for x in padded])
-  return jax.tree.map(lambda y: y.reshape(n * chunk, *y.shape[2:])[:units], outs)
+  split = lambda x: None if x is None else x.reshape(units // chunk, chunk, *x.shape[1:])
+  outs = jax.lax.map(lambda xs: fn(*xs), [split(x) for x in arrays])
+  return jax.tree.map(lambda y: y.reshape(units, *y.shape[2:]), outs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def attend_units(q, k, v, bias, scale, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def attend_units(q, k, v, mask, bias, scale, chunk):
   """Softmax attention of every tile's queries over its block: ``(out, lse)``.
 
-  q ``[U, B, Hkv, G*T, D]``; k, v ``[U, B, Hkv, W, D]``; bias ``[U, H or 1, T, W]``;
-  out like q; lse ``[U, B, Hkv, G*T]`` in the accumulation dtype. Runs ``chunk`` units at a
-  time.
+  q ``[U, B, Hkv, G*T, D]``; k, v ``[U, B, Hkv, W, D]``; mask ``[U, 1, T, W]``; bias
+  ``[U, H, T, W]`` or None; out like q; lse ``[U, B, Hkv, G*T]`` in the accumulation dtype.
+  Runs ``chunk`` units at a time.
   """
-  return _map_units(functools.partial(_forward_units, scale=scale), chunk, (q, k, v, bias),
-                    (0,) * 4)
+  return _map_units(functools.partial(_forward_units, scale=scale), chunk, q, k, v, mask, bias)
 
 
-def _attend_fwd(q, k, v, bias, scale, chunk):
-  out, lse = attend_units(q, k, v, bias, scale, chunk)
-  return (out, lse), (q, k, v, bias, out, lse)
+def _attend_fwd(q, k, v, mask, bias, scale, chunk):
+  out, lse = attend_units(q, k, v, mask, bias, scale, chunk)
+  return (out, lse), (q, k, v, mask, bias, out, lse)
 
 
 def _attend_bwd(scale, chunk, residuals, cotangents):
-  return _map_units(functools.partial(_backward_units, scale=scale), chunk,
-                    residuals + tuple(cotangents), (0,) * 8)
+  return _map_units(functools.partial(_backward_units, scale=scale), chunk, *residuals,
+                    *cotangents)
 
 
 attend_units.defvjp(_attend_fwd, _attend_bwd)
 
 # Logit elements per chunk of units (each a float32 or wider).
 CHUNK_ELEMENTS = 1 << 20
+
+
+def _chunk_size(units, unit_elements):
+  """The largest divisor of ``units`` that keeps a chunk within ``CHUNK_ELEMENTS``."""
+  most = max(1, CHUNK_ELEMENTS // unit_elements)
+  return max(c for c in range(1, min(units, most) + 1) if units % c == 0)
 
 
 def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None, tile=None):
@@ -302,9 +336,10 @@ def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None, ti
   units, b, heads, t, dim = q.shape
   k, v = key_blocks(key, tilings), key_blocks(value, tilings)
   kv_heads = k.shape[2]
-  chunk = max(1, CHUNK_ELEMENTS // (b * heads * t * k.shape[3]))
-  out, lse = attend_units(q.reshape(units, b, kv_heads, -1, dim), k, v,
-                          tile_bias(rpb, tilings, _acc(query)), scale, chunk)
+  chunk = _chunk_size(units, b * heads * t * k.shape[3])
+  bias = None if rpb is None else tile_rpb(rpb, tilings, _acc(query))
+  out, lse = attend_units(q.reshape(units, b, kv_heads, -1, dim), k, v, tile_mask(tilings), bias,
+                          scale, chunk)
   return (untile_queries(out.reshape(q.shape), tilings),
           untile_queries(lse.reshape(q.shape[:-1]), tilings))
 

@@ -3,8 +3,8 @@
 * Its tile tables (the only part that depends on the neighbourhood) encode exactly the
   reference's windows, on thousands of random configurations (NumPy only, no compiling).
 * Forward, lse and every gradient match NATTEN's golden data and the xla reference on random
-  configurations: JNAT_TILED_EXAMPLES draws (default 200) over a fixed pool of random shape
-  buckets, so that compiled executables are reused and the file stays fast.
+  configurations: JNAT_TILED_EXAMPLES random inputs (default 200) spread over a fixed pool of
+  24 random shape buckets (every feature of the op), so that each bucket compiles once.
 * float64 gradients against finite differences; jit/grad/vmap/remat.
 * It lowers for TPU and CUDA from this machine with no custom call, and its compiled
   forward+backward needs at least 4x less temporary memory than the xla reference's.
@@ -53,7 +53,7 @@ def _windows_from_tiles(t: tiled.AxisTiling, kernel):
     query = in_group * t.dilation + group
     if in_group >= t.group_length or query >= t.length:
       continue  # padding: its output is dropped
-    key_in_group = t.halo_index[unit, w] - group * t.group_length
+    key_in_group = (unit % t.tiles) * t.tile + t.halo_offset + w
     rpb = np.nonzero(t.rpb_onehot[unit, slot, w])[0]
     assert rpb.size == 1 and 0 <= rpb[0] < 2 * kernel - 1
     found.setdefault(int(query), []).append((int(key_in_group * t.dilation + group), int(rpb[0])))
@@ -123,7 +123,7 @@ def _random_bucket(rng):
               dtype=str(rng.choice(["float32"] * 4 + ["bfloat16", "float16"])))
 
 
-BUCKETS = [_random_bucket(np.random.default_rng(i)) for i in range(48)]
+BUCKETS = [_random_bucket(np.random.default_rng(i)) for i in range(24)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,8 +144,9 @@ def _loss_grads(backend, bucket_index):
   return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))
 
 
-@settings(SETTINGS, max_examples=EXAMPLES)
-@given(bucket=st.integers(0, len(BUCKETS) - 1), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("bucket", range(len(BUCKETS)))
+@settings(SETTINGS, max_examples=-(-EXAMPLES // len(BUCKETS)))
+@given(seed=st.integers(0, 2**16))
 def test_matches_reference(bucket, seed):
   c = BUCKETS[bucket]
   inputs = random_inputs(seed, c["batch"], c["spatial"], c["heads"], c["kv_heads"], c["dim"],
