@@ -1,12 +1,14 @@
 """Trains and evaluates a NAT/DiNAT classifier (see configs/ for the variants).
 
-  python train.py --config configs/digits.py                      # offline, CPU, minutes
+  python train.py                                                  # the digits default
   python train.py --config configs/nat_tiny.py --data_dir DIR --workdir runs/nat_tiny
   python train.py --config configs/nat_tiny.py --config.global_batch_size=256 --bench
 
-Rerunning the same command resumes from the newest checkpoint in --workdir. On several
-hosts, start the same command on each with --multihost (coordinator from the usual
-environment, or --coordinator_address/--num_processes/--process_id).
+Without --config it trains the embedded default, configs/digits.py: offline, on CPU, in
+minutes. `python train.py --help` lists the configs. Rerunning the same command resumes
+from the newest checkpoint in --workdir. On several hosts, start the same command on each
+with --multihost (coordinator from the usual environment, or
+--coordinator_address/--num_processes/--process_id).
 """
 
 import os
@@ -23,8 +25,15 @@ from absl import flags  # pylint: disable=wrong-import-position
 from absl import logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = sorted(f"configs/{name}" for name in os.listdir(os.path.join(ROOT, "configs"))
+                 if name.endswith(".py") and name != "common.py")
+DEFAULT_CONFIG = "configs/digits.py"
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(ROOT, DEFAULT_CONFIG),
+    f"Training config file (default: {DEFAULT_CONFIG}); one of: {', '.join(CONFIGS)}.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Run directory (default: workdir/<config file name>).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (overrides config).")
@@ -35,12 +44,13 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
-flags.mark_flags_as_required(["config"])
-
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["config"].present:
+    print(f"No --config given: training the embedded default, {DEFAULT_CONFIG} "
+          "(python train.py --help lists the configs).", flush=True)
   # Our progress messages at INFO; the libraries' (orbax, TFDS) only from WARNING up.
   logging.set_verbosity(logging.WARNING)
   pylogging.getLogger("jnat").setLevel(pylogging.INFO)

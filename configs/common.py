@@ -5,7 +5,8 @@ eps 1e-8), lr 1e-3 at global batch 1024, weight decay 0.05 (none on norms, biase
 relative positional bias), 300 epochs of per-step cosine decay to 5e-6 after 20 warmup
 epochs from 1e-6, then 10 cooldown epochs; gradient clipping at 5.0; label smoothing 0.1;
 Mixup 0.8 / CutMix 1.0 (switch prob 0.5); RandAugment m9-mstd0.5; random erasing 0.25;
-stochastic depth per variant; crop_pct 0.875; EMA off. bfloat16 compute, float32 params.
+stochastic depth per variant (set by the variant in jnat.models.zoo); crop_pct 0.875; EMA off.
+bfloat16 compute, float32 params.
 
 Command lines (any field can be overridden with --config.<field>=<value>):
   python train.py --config configs/nat_tiny.py --data_dir ~/tensorflow_datasets \
@@ -20,18 +21,19 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+from jnat import data
 
 
-def get_config(model: str = "nat_tiny", drop_path_rate: float = 0.2) -> ml_collections.ConfigDict:
+def get_config(model: str = "nat_tiny") -> ml_collections.ConfigDict:
   """The paper's ImageNet-1K recipe for `model` (a `jnat.models.VARIANTS` key)."""
   c = ml_collections.ConfigDict()
 
   # Model.
   c.model = model
-  # Keyword arguments for the model class (any field of jnat.models.NAT).
-  c.model_overrides = ml_collections.ConfigDict({"drop_path_rate": drop_path_rate})
+  # Keyword arguments for the model class (any field of jnat.models.NAT); None keeps the
+  # variant's value (e.g. its stochastic depth rate, from the paper).
+  c.model_overrides = ml_collections.ConfigDict(
+      {"drop_path_rate": config_dict.placeholder(float)})
   c.compute_dtype = "bfloat16"  # activations; parameters and optimizer stay float32
   # Neighborhood attention backend ("xla", "cpu", "cuda"); None picks the fastest.
   c.attention_backend = config_dict.placeholder(str)
@@ -43,10 +45,10 @@ def get_config(model: str = "nat_tiny", drop_path_rate: float = 0.2) -> ml_colle
   c.eval_split = "validation"
   c.num_classes = 1000
   c.image_size = 224
-  c.crop_pct = 0.875  # eval: centre crop of this fraction of the shorter side
+  c.crop_pct = data.IMAGENET_CROP_PCT  # eval: centre crop of this fraction of the shorter side
   c.interpolation = "bicubic"
-  c.mean_rgb = IMAGENET_MEAN_RGB
-  c.std_rgb = IMAGENET_STD_RGB
+  c.mean_rgb = data.IMAGENET_MEAN_RGB
+  c.std_rgb = data.IMAGENET_STD_RGB
   c.crop_scale = (0.08, 1.0)  # random-resized-crop area range
   c.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
   c.flip = True

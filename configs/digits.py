@@ -15,7 +15,8 @@ from configs import common
 
 
 def get_config():
-  c = common.get_config(model="nat_nano", drop_path_rate=0.05)
+  c = common.get_config(model="nat_nano")
+  c.model_overrides.drop_path_rate = 0.05  # lighter than nat_nano's own for 1.4k images
   c.compute_dtype = "float32"  # bfloat16 brings nothing on CPU
 
   c.dataset = "sklearn_digits"

@@ -1,4 +1,4 @@
-"""DiNAT-Base on ImageNet-1K with the paper's recipe (drop path 0.5).
+"""DiNAT-Base on ImageNet-1K with the paper's recipe.
 
   python train.py --config configs/dinat_base.py --data_dir ~/tensorflow_datasets --workdir runs/dinat_base
 """
@@ -7,4 +7,4 @@ from configs import common
 
 
 def get_config():
-  return common.get_config(model="dinat_base", drop_path_rate=0.5)
+  return common.get_config(model="dinat_base")

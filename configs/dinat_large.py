@@ -1,4 +1,4 @@
-"""DiNAT-Large on ImageNet-1K with the NAT recipe (drop path 0.35).
+"""DiNAT-Large on ImageNet-1K with the NAT recipe.
 
 The paper's DiNAT-L numbers come from ImageNet-22K pre-training followed by ImageNet-1K
 fine-tuning; this config trains it on ImageNet-1K from scratch with the shared recipe.
@@ -11,4 +11,4 @@ from configs import common
 
 
 def get_config():
-  return common.get_config(model="dinat_large", drop_path_rate=0.35)
+  return common.get_config(model="dinat_large")

@@ -1,4 +1,4 @@
-"""DiNAT-Tiny on ImageNet-1K with the paper's recipe (drop path 0.2).
+"""DiNAT-Tiny on ImageNet-1K with the paper's recipe.
 
   python train.py --config configs/dinat_tiny.py --data_dir ~/tensorflow_datasets --workdir runs/dinat_tiny
 """
@@ -7,4 +7,4 @@ from configs import common
 
 
 def get_config():
-  return common.get_config(model="dinat_tiny", drop_path_rate=0.2)
+  return common.get_config(model="dinat_tiny")

@@ -1,4 +1,4 @@
-"""NAT-Base on ImageNet-1K with the paper's recipe (drop path 0.5).
+"""NAT-Base on ImageNet-1K with the paper's recipe.
 
   python train.py --config configs/nat_base.py --data_dir ~/tensorflow_datasets --workdir runs/nat_base
 """
@@ -7,4 +7,4 @@ from configs import common
 
 
 def get_config():
-  return common.get_config(model="nat_base", drop_path_rate=0.5)
+  return common.get_config(model="nat_base")

@@ -1,4 +1,4 @@
-"""NAT-Small on ImageNet-1K with the paper's recipe (drop path 0.3).
+"""NAT-Small on ImageNet-1K with the paper's recipe.
 
   python train.py --config configs/nat_small.py --data_dir ~/tensorflow_datasets --workdir runs/nat_small
 """
@@ -7,4 +7,4 @@ from configs import common
 
 
 def get_config():
-  return common.get_config(model="nat_small", drop_path_rate=0.3)
+  return common.get_config(model="nat_small")

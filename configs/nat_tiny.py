@@ -1,4 +1,4 @@
-"""NAT-Tiny on ImageNet-1K with the paper's recipe (drop path 0.2).
+"""NAT-Tiny on ImageNet-1K with the paper's recipe.
 
   python train.py --config configs/nat_tiny.py --data_dir ~/tensorflow_datasets --workdir runs/nat_tiny
 """
@@ -7,4 +7,4 @@ from configs import common
 
 
 def get_config():
-  return common.get_config(model="nat_tiny", drop_path_rate=0.2)
+  return common.get_config(model="nat_tiny")

@@ -1,8 +1,8 @@
 """Classifies image files with a converted NAT / DiNAT checkpoint.
 
-Preprocessing is the reference evaluation transform (timm's, crop_pct 0.875): resize the
-shorter side to ``resolution / 0.875`` (bicubic), centre-crop ``resolution``, scale to
-[0, 1] and normalise with the ImageNet mean and standard deviation.
+Preprocessing is the reference evaluation transform (timm's): resize the shorter side to
+``resolution / crop_pct`` (bicubic), centre-crop ``resolution`` and normalise with the
+ImageNet mean and standard deviation (crop_pct and the statistics: ``jnat.data``).
 
 Command line::
 
@@ -18,23 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from jnat import data
 from jnat import models
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_PCT = 0.875
 
 
 def preprocess(image: Image.Image, resolution: int = 224) -> np.ndarray:
   """An image as the network's input: ``[resolution, resolution, 3]`` float32, normalised."""
   image = image.convert("RGB")
-  short = int(resolution / CROP_PCT)
+  short = int(resolution / data.IMAGENET_CROP_PCT)
   size = tuple(short * s // min(image.size) for s in image.size)  # torchvision's rounding
   image = image.resize(size, Image.Resampling.BICUBIC)
   left, top = ((s - resolution) // 2 for s in size)
   image = image.crop((left, top, left + resolution, top + resolution))
-  pixels = np.asarray(image, np.float32) / 255.0
-  return (pixels - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+  pixels = np.asarray(image, np.float32)
+  return (pixels - np.float32(data.IMAGENET_MEAN_RGB)) / np.float32(data.IMAGENET_STD_RGB)
 
 
 def top_k(model, params, images: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:

@@ -107,8 +107,7 @@ def profile(model: nn.Module, image_shape: tuple[int, ...]) -> tuple[int, int]:
   # output shapes are the parameters, so one trace gives both counts.
   with nn.intercept_methods(count_attention):
     closed, shapes = jax.make_jaxpr(model.init, return_shape=True)(jax.random.key(0), images)
-  params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
-  return params, jaxpr_macs(closed.jaxpr) + sum(attention)
+  return models.count_params(shapes["params"]), jaxpr_macs(closed.jaxpr) + sum(attention)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,9 +23,10 @@ Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
 
-# NATTEN draws the bias from N(0, 0.02) truncated at ±2 (absolute, i.e. ±100 std): in
-# effect an untruncated normal. The bounds of this initializer are in units of std.
-default_rpb_init = nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
+# timm's trunc_normal_(std=.02), which NATTEN uses for the bias and the NAT reference for
+# its Linear weights: N(0, 0.02) truncated at ±2 absolute, i.e. ±100 std, in effect an
+# untruncated normal. The bounds of Flax's initializer are in units of std.
+trunc_normal_init = nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
 
 
 def resolve_rank(kernel_size: int | Sequence[int], inputs_ndim: int) -> int:
@@ -103,9 +104,18 @@ def head_scale(qk_scale: float | None, head_dim: int) -> float:
   return head_dim ** -0.5 if qk_scale is None else qk_scale
 
 
-def dropout(x: Array, rate: float, rng: Array) -> Array:
-  """Inverted dropout: zeroes each element with probability ``rate``, rescales the rest."""
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+def dropout(x: Array, rate: float, rng: Array,
+            mask_shape: Sequence[int] | None = None) -> Array:
+  """Inverted dropout: zeroes entries with probability ``rate``, rescales the rest.
+
+  Args:
+    x: the array.
+    rate: drop probability.
+    rng: PRNG key of the mask.
+    mask_shape: shape of the mask, broadcast against ``x``; default ``x.shape`` (each
+      element on its own). ``(batch, 1, ..., 1)`` drops whole samples (stochastic depth).
+  """
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape if mask_shape is None else mask_shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
@@ -164,7 +174,7 @@ class NeighborhoodAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros_init()
-  rpb_init: Initializer = default_rpb_init
+  rpb_init: Initializer = trunc_normal_init
   backend: str | None = None
 
   @nn.compact

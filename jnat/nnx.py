@@ -50,7 +50,7 @@ class NeighborhoodAttention(nnx.Module):
                deterministic: bool | None = None, dtype=None, param_dtype=jnp.float32,
                kernel_init=nnx.initializers.lecun_normal(),
                bias_init=nnx.initializers.zeros_init(),
-               rpb_init=jnat_nn.default_rpb_init, backend: str | None = None,
+               rpb_init=jnat_nn.trunc_normal_init, backend: str | None = None,
                rngs: nnx.Rngs):
     if in_features % num_heads:
       raise ValueError(f"{in_features=} must be divisible by {num_heads=}.")

@@ -2,6 +2,7 @@
 
 import functools
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -16,6 +17,11 @@ from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)  # configs/ imports `configs.common`
+
+from configs import common  # noqa: E402
 from jnat.data import augment, digits, imagenet, mixup, pipeline  # noqa: E402
 
 
@@ -142,9 +148,17 @@ def digits_builder(tmp_path_factory):
   return pipeline.get_builder("sklearn_digits", str(tmp_path_factory.mktemp("tfds")))
 
 
-_PREP = imagenet.Preprocessing(image_size=16, crop_pct=1.0, mean=(127.5,) * 3,
-                               std=(127.5,) * 3, crop_scale=(0.5, 1.0), flip=True,
-                               rand_augment_layers=2, random_erase_prob=0.25)
+def _recipe_preprocessing():
+  """The ImageNet recipe's augmentations (flip, RandAugment, erasing) on 16x16 digits."""
+  config = common.get_config()
+  config.update(dict(image_size=16, crop_pct=1.0, mean_rgb=(127.5,) * 3,
+                     std_rgb=(127.5,) * 3, crop_scale=(0.5, 1.0)))
+  prep = imagenet.Preprocessing.from_config(config)
+  assert prep.flip and prep.rand_augment_layers == 2 and prep.random_erase_prob == 0.25
+  return prep
+
+
+_PREP = _recipe_preprocessing()
 
 
 def test_digits_dataset_holds_the_sklearn_images(digits_builder):
@@ -197,3 +211,12 @@ def test_missing_imagenet_explains_how_to_prepare(tmp_path):
   message = str(e.value)
   assert "ILSVRC2012_img_train.tar" in message and "tfds build imagenet2012" in message
   assert str(tmp_path) in message
+
+
+def test_missing_dataset_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError) as e:
+    pipeline.get_builder("mnist", str(tmp_path))
+  message = str(e.value)
+  assert message.startswith(f"mnist is not prepared in data_dir={str(tmp_path)!r}")
+  assert f"tfds build mnist --data_dir={tmp_path}" in message
+  assert "imagenet" not in message.lower()

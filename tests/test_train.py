@@ -1,7 +1,10 @@
-"""Trainer: schedule, optimizer, a real run on digits, corrupted-checkpoint fallback, NaN stop.
+"""Trainer: configs, schedule, optimizer, a real run on digits, corrupted-checkpoint
+fallback, NaN stop, train.py killed and stopped then resumed, and train.py's command line.
 
-The trainer tests pin the pure-JAX attention backend ("xla") so that they test the trainer;
-the kernels have their own tests.
+One reference run of the smoke config serves every check of a finished run; the compiled
+steps are cached once for this module's runs and train.py processes. The trainer tests pin
+the pure-JAX attention backend ("xla") so that they test the trainer; the kernels have
+their own tests.
 """
 
 import glob
@@ -9,7 +12,10 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -28,7 +34,10 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)  # configs/ imports `configs.common`
 
 from jnat import models  # noqa: E402
-from jnat.train import checkpoint, loop, schedule, state as state_lib  # noqa: E402
+from jnat.train import loop, schedule, state as state_lib  # noqa: E402
+
+# Runs that share compiled steps should stay in one process (pytest-xdist's loadgroup).
+pytestmark = pytest.mark.xdist_group("trainer")
 
 VARIANT_CONFIGS = ["nat_mini", "nat_tiny", "nat_small", "nat_base", "dinat_mini",
                    "dinat_tiny", "dinat_small", "dinat_base", "dinat_large"]
@@ -40,6 +49,12 @@ def load_config(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+# The reference run: long enough to be killed between checkpoints, with an EMA.
+STEPS, EVERY = 60, 20
+RUN = {"attention_backend": "xla", "num_train_steps": STEPS, "checkpoint_every_steps": EVERY,
+       "log_every_steps": 1, "ema_decay": 0.9}
 
 
 def smoke_config(data_dir, **overrides):
@@ -59,9 +74,10 @@ def test_variant_configs_follow_the_paper_recipe(name):
   assert (c.mixup_alpha, c.cutmix_alpha, c.label_smoothing) == (0.8, 1.0, 0.1)
   assert c.rand_augment.magnitude == 9 and c.random_erase_prob == 0.25
   assert c.grad_clip_norm == 5.0 and c.crop_pct == 0.875 and c.compute_dtype == "bfloat16"
+  # Stochastic depth as in the papers, set by the variant itself.
   size = name.split("_")[1]
   expected_drop = {"mini": 0.2, "tiny": 0.2, "small": 0.3, "base": 0.5, "large": 0.35}[size]
-  assert c.model_overrides.drop_path_rate == expected_drop
+  assert state_lib.create_model(c).drop_path_rate == expected_drop
 
 
 def test_schedule_warmup_cosine_cooldown():
@@ -81,14 +97,15 @@ def test_schedule_warmup_cosine_cooldown():
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """Runs in this module compile the same steps: compile them once."""
+  """Runs in this module compile the same steps: compile them once (train.py too)."""
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
            "jax_persistent_cache_min_entry_size_bytes")
   saved = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+  directory = str(tmp_path_factory.mktemp("jax_cache"))
+  jax.config.update(names[0], directory)
   jax.config.update(names[1], 0.0)
   jax.config.update(names[2], 0)
-  yield
+  yield directory
   for n, v in saved.items():
     jax.config.update(n, v)
 
@@ -114,9 +131,9 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_run(data_dir, tmp_path_factory):
-  """8 steps of the smoke config, checkpoints at 4 and 8."""
+  """The smoke config run uninterrupted for STEPS steps, checkpoints every EVERY."""
   workdir = tmp_path_factory.mktemp("ref")
-  c = smoke_config(data_dir, num_train_steps=8, checkpoint_every_steps=4, ema_decay=0.9)
+  c = smoke_config(data_dir, **RUN)
   results = loop.train_and_evaluate(c, str(workdir))
   return c, workdir, results
 
@@ -124,7 +141,35 @@ def reference_run(data_dir, tmp_path_factory):
 def restore_latest(config, workdir):
   """(step, NumPy state) of the newest good checkpoint of a run of `config`."""
   step, state = loop.load_checkpoint(config, str(workdir))
-  return step, checkpoint.host_copy(state)
+  return step, jax.device_get(state)
+
+
+def assert_same_state(got, want):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def logged_steps(workdir):
+  """Steps of the training records in metrics.jsonl, up to a line cut short by a kill."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  steps = []
+  for line in open(path):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      break
+    if "train/loss" in record:
+      steps.append(record["step"])
+  return steps
+
+
+def checkpoint_steps(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
 def test_run_writes_metrics_checkpoints_and_plot(reference_run):
@@ -133,10 +178,12 @@ def test_run_writes_metrics_checkpoints_and_plot(reference_run):
   assert 0.0 <= results["eval_ema/top1"] <= 1.0
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   train = [r for r in records if "train/loss" in r]
-  assert [r["step"] for r in train] == [2, 4, 6, 8]
-  assert all(r["train/images_per_s"] > 0 and np.isfinite(r["train/loss"]) for r in train)
-  assert any("eval/top5" in r and r["step"] == 8 for r in records)
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
+  assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+  assert all(np.isfinite(r["train/loss"]) for r in train)
+  # Throughput from the second step on (the first one compiles).
+  assert all(r["train/images_per_s"] > 0 for r in train[1:])
+  assert any("eval/top5" in r and r["step"] == STEPS for r in records)
+  assert checkpoint_steps(workdir) == [EVERY, 2 * EVERY, STEPS]
   assert os.path.getsize(workdir / "curves.png") > 10_000
   # TensorBoard event file with scalar summaries.
   import tensorflow as tf
@@ -149,7 +196,7 @@ def test_run_writes_metrics_checkpoints_and_plot(reference_run):
   assert {"train/loss", "train/learning_rate", "eval/top1", "eval/top5"} <= tags
   # Parameters stay float32 and EMA differs from the parameters.
   step, state = restore_latest(c, workdir)
-  assert step == 8 and int(state.step) == 8
+  assert step == STEPS and int(state.step) == STEPS
   leaves = jax.tree.leaves(state.params)
   assert all(x.dtype == np.float32 for x in leaves)
   assert any(not np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(state.ema_params)))
@@ -159,41 +206,143 @@ def test_truncated_newest_checkpoint_falls_back_and_resumes_exactly(reference_ru
   c, ref_dir, _ = reference_run
   workdir = tmp_path / "run"
   shutil.copytree(ref_dir / "checkpoints", workdir / "checkpoints")
-  files = [f for f in glob.glob(str(workdir / "checkpoints" / "8" / "**"), recursive=True)
+  files = [f for f in glob.glob(str(workdir / "checkpoints" / str(STEPS) / "**"),
+                                recursive=True)
            if os.path.isfile(f) and "/d/" in f]
   biggest = max(files, key=os.path.getsize)
   with open(biggest, "r+b") as f:
     f.truncate(os.path.getsize(biggest) // 2)
-  loop.train_and_evaluate(c, str(workdir))  # resumes at 4, redoes 5..8
+  loop.train_and_evaluate(c, str(workdir))  # resumes at 2 * EVERY, redoes the rest
   assert os.listdir(workdir / "corrupt_checkpoints")
-  _, got = restore_latest(c, workdir)
-  _, want = restore_latest(c, ref_dir)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert_same_state(restore_latest(c, workdir)[1], restore_latest(c, ref_dir)[1])
 
 
 def test_flipped_bits_in_checkpoint_are_detected(reference_run, tmp_path):
   c, ref_dir, _ = reference_run
   workdir = tmp_path / "run"
   shutil.copytree(ref_dir / "checkpoints", workdir / "checkpoints")
-  meta = workdir / "checkpoints" / "8" / "meta" / "metadata"
+  meta = workdir / "checkpoints" / str(STEPS) / "meta" / "metadata"
   record = json.loads(meta.read_text())
   record["fingerprints"][0] ^= 1  # as if the data had changed after saving
   meta.write_text(json.dumps(record))
   step, _ = restore_latest(c, workdir)
-  assert step == 4
+  assert step == 2 * EVERY
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(reference_run, tmp_path):
   c, ref_dir, _ = reference_run
   workdir = tmp_path / "run"
   shutil.copytree(ref_dir / "checkpoints", workdir / "checkpoints")
-  diverging = smoke_config(c.data_dir, num_train_steps=16, checkpoint_every_steps=2,
-                           ema_decay=0.9, learning_rate=1e30, warmup_epochs=0.0,
-                           min_learning_rate=1e30)
-  with pytest.raises(loop.NonFiniteLossError, match="non-finite .* step 9.*step 8"):
+  diverging = smoke_config(c.data_dir, **dict(
+      RUN, num_train_steps=STEPS + 8, checkpoint_every_steps=2, learning_rate=1e30,
+      warmup_epochs=0.0, min_learning_rate=1e30))
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=f"non-finite .* step {STEPS + 1}.*step {STEPS}"):
     loop.train_and_evaluate(diverging, str(workdir))
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
+  assert checkpoint_steps(workdir) == [EVERY, 2 * EVERY, STEPS]
   step, state = restore_latest(c, workdir)
-  assert step == 8
+  assert step == STEPS
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+def _start_train_py(workdir, data_dir, cache_dir):
+  cmd = [sys.executable, os.path.join(ROOT, "train.py"),
+         "--config", os.path.join(ROOT, "configs", "smoke.py"),
+         "--workdir", str(workdir), "--data_dir", str(data_dir)]
+  cmd += [f"--config.{k}={v}" for k, v in RUN.items()]
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _signal_after(proc, workdir, step, signum, after_checkpoint=0, timeout=240):
+  """Sends `signum` once step `step` is logged and checkpoint `after_checkpoint` is on
+  disk; returns the process output."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if (max(logged_steps(workdir), default=0) >= step
+        and max(checkpoint_steps(workdir), default=0) >= after_checkpoint):
+      proc.send_signal(signum)
+      break
+    time.sleep(0.02)
+  out, _ = proc.communicate(timeout=timeout)
+  return out
+
+
+def test_train_py_killed_and_stopped_then_rerun_equals_one_run(reference_run,
+                                                                compilation_cache, tmp_path):
+  c, ref_dir, _ = reference_run
+  workdir = tmp_path / "run"
+
+  # 1. Killed without warning between two checkpoints.
+  proc = _start_train_py(workdir, c.data_dir, compilation_cache)
+  out = _signal_after(proc, workdir, EVERY + 5, signal.SIGKILL, after_checkpoint=EVERY)
+  assert proc.returncode == -signal.SIGKILL, out[-3000:]
+  killed_at = max(logged_steps(workdir))
+  saved = checkpoint_steps(workdir)
+  assert saved and max(saved) < killed_at < STEPS, (saved, killed_at)
+
+  # 2. Same command: resumes, then SIGTERM saves the current step and exits cleanly.
+  proc = _start_train_py(workdir, c.data_dir, compilation_cache)
+  target = max(saved) + EVERY + 3
+  out = _signal_after(proc, workdir, target, signal.SIGTERM)
+  assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+  assert "SIGTERM" in out and "Traceback" not in out
+  stopped_at = max(checkpoint_steps(workdir))
+  assert target <= stopped_at < STEPS and stopped_at % EVERY != 0
+
+  # 3. Resume once more (in this process) and finish: the same state as the reference
+  #    run, which was never interrupted.
+  loop.train_and_evaluate(c, str(workdir))
+  assert os.path.exists(workdir / "curves.png")
+  assert max(checkpoint_steps(workdir)) == STEPS
+  # The metrics file tells one story: each step logged once, in order.
+  assert logged_steps(workdir) == list(range(1, STEPS + 1))
+  got_step, got = restore_latest(c, workdir)
+  want_step, want = restore_latest(c, ref_dir)
+  assert got_step == want_step == STEPS
+  assert_same_state(got, want)
+
+
+def test_bench_times_training_steps(data_dir):
+  c = smoke_config(data_dir, bench_steps=2, bench_warmup_steps=1)
+  from jnat.train import bench
+  lines = []
+  result = bench.run(c, print_fn=lines.append)
+  assert result["images_per_s"] > 0 and result["compile_s"] > 0
+  assert result["step_time_s"] == pytest.approx(c.global_batch_size / result["images_per_s"])
+  assert lines[0].startswith(f"{c.model} 16x16 global batch 32 on")
+
+@pytest.fixture
+def train_script():
+  """train.py as a module, its flags parsed from a command line without arguments."""
+  from absl import flags
+  import train  # defines its flags once per process
+
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["train.py"])
+  yield train
+  flags.FLAGS.unparse_flags()
+
+
+def test_no_arguments_trains_the_digits_default(train_script, monkeypatch, capsys):
+  runs = []
+  monkeypatch.setattr(loop, "train_and_evaluate",
+                      lambda config, workdir: runs.append((config, workdir)))
+  train_script.main(["train.py"])
+  assert "embedded default, configs/digits.py" in capsys.readouterr().out
+  [(config, workdir)] = runs
+  assert config.to_dict() == load_config("digits").to_dict()
+  assert workdir == os.path.join("workdir", "digits")
+
+
+def test_help_lists_the_configs(train_script):
+  from absl import flags
+  text = " ".join(flags.FLAGS.module_help(train_script).split())
+  names = sorted(n for n in os.listdir(os.path.join(ROOT, "configs"))
+                 if n.endswith(".py") and n != "common.py")
+  assert len(names) >= 11 and "default: configs/digits.py" in text
+  for name in names:
+    assert f"configs/{name}" in text

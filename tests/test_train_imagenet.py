@@ -125,3 +125,9 @@ def test_nat_trains_and_evaluates_on_imagenet_layout(imagenet_dir, tmp_path):
   assert step == 3
   import jax
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
+  # Loading a checkpoint needs no dataset: the same checkpoint, no ImageNet in data_dir.
+  c.data_dir = str(tmp_path / "no_data")
+  step, without_data = loop.load_checkpoint(c, str(tmp_path))
+  assert step == 3
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(without_data),
+               jax.device_get(state))

@@ -1,4 +1,4 @@
-"""ImageNet-style preprocessing of one TFDS example, and the ImageNet preparation check.
+"""ImageNet-style preprocessing of one TFDS example, and how to prepare ImageNet.
 
 The same functions serve every TFDS image-classification dataset with `image` (encoded
 bytes) and `label` features: ImageNet 2012 and the small embedded digits dataset.
@@ -12,33 +12,28 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
 
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from jnat.data import augment
-
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-  """What the per-example functions do; built from the training config."""
-  image_size: int = 224
-  crop_pct: float = 0.875
-  interpolation: str = "bicubic"
-  mean: tuple = IMAGENET_MEAN
-  std: tuple = IMAGENET_STD
-  crop_scale: tuple = (0.08, 1.0)
-  crop_ratio: tuple = (3.0 / 4.0, 4.0 / 3.0)
-  flip: bool = True
-  rand_augment_layers: int = 2  # 0 disables RandAugment
-  rand_augment_magnitude: float = 9.0
-  rand_augment_magnitude_std: float = 0.5
-  rand_augment_prob: float = 0.5
-  random_erase_prob: float = 0.25
+  """What the per-example functions do: the training config's fields (see `from_config`)."""
+  image_size: int
+  crop_pct: float
+  interpolation: str
+  mean: tuple
+  std: tuple
+  crop_scale: tuple
+  crop_ratio: tuple
+  flip: bool
+  rand_augment_layers: int  # 0 disables RandAugment
+  rand_augment_magnitude: float
+  rand_augment_magnitude_std: float
+  rand_augment_prob: float
+  random_erase_prob: float
 
   @classmethod
   def from_config(cls, config) -> "Preprocessing":
@@ -143,12 +138,10 @@ def preprocess_eval(example, p: Preprocessing):
   return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
 
-def not_prepared_message(data_dir: Optional[str]) -> str:
-  """How to prepare ImageNet 2012 for TFDS (the archives cannot be downloaded for you)."""
-  data_dir = data_dir or os.path.expanduser("~/tensorflow_datasets")
+def preparation_steps(data_dir: str) -> str:
+  """How to prepare ImageNet 2012 for TFDS in `data_dir` (it cannot be downloaded for you)."""
   manual = os.path.join(data_dir, "downloads", "manual")
   return (
-      f"imagenet2012 is not prepared in data_dir={data_dir!r}.\n"
       "ImageNet cannot be downloaded automatically. To prepare it (once, hours of CPU):\n"
       "  1. Register at https://image-net.org/download-images and download\n"
       "     ILSVRC2012_img_train.tar (~138 GB) and ILSVRC2012_img_val.tar (~6.3 GB).\n"
@@ -156,13 +149,5 @@ def not_prepared_message(data_dir: Optional[str]) -> str:
       "  3. Build the TFDS dataset:\n"
       f"       tfds build imagenet2012 --data_dir={data_dir} --manual_dir={manual}\n"
       "     (or in Python: tfds.builder('imagenet2012', data_dir=...).download_and_prepare(\n"
-      "      download_config=tfds.download.DownloadConfig(manual_dir=...)))\n"
-      "  4. Run the trainer again with --data_dir pointing at the same directory.\n"
-      "On several hosts, every host needs read access to the prepared data_dir."
+      "      download_config=tfds.download.DownloadConfig(manual_dir=...)))"
   )
-
-
-def check_prepared(builder: tfds.core.DatasetBuilder, data_dir: Optional[str]) -> None:
-  """Raises FileNotFoundError with the preparation steps if `builder` has no data."""
-  if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-    raise FileNotFoundError(not_prepared_message(data_dir))

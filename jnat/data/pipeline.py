@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import os
 from typing import Iterator, Optional
 
 import jax
@@ -37,13 +38,12 @@ def get_builder(name: str, data_dir: Optional[str]):
   """The TFDS builder of `name`, prepared. Prepares the embedded digits dataset if needed.
 
   Raises:
-    FileNotFoundError: `imagenet2012` (or any dataset needing a manual download) is not
-      prepared in `data_dir`; the message lists the preparation steps.
+    FileNotFoundError: dataset `name` is not prepared in `data_dir`; the message says how
+      to prepare it (for `imagenet2012`, step by step from the manual download).
   """
   hide_gpus_from_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from jnat.data import digits  # pylint: disable=import-outside-toplevel,unused-import
-  from jnat.data import imagenet  # pylint: disable=import-outside-toplevel
 
   builder = tfds.builder(name, data_dir=data_dir)
   if name == "sklearn_digits":
@@ -54,8 +54,27 @@ def get_builder(name: str, data_dir: Optional[str]):
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices("sklearn_digits prepared")
     builder = tfds.builder(name, data_dir=data_dir)
-  imagenet.check_prepared(builder, data_dir)
+  _check_prepared(builder, data_dir)
   return builder
+
+
+def _check_prepared(builder, data_dir: Optional[str]) -> None:
+  """Raises FileNotFoundError, saying how to prepare the dataset, if `builder` has no data."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from jnat.data import imagenet  # pylint: disable=import-outside-toplevel
+
+  if tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    return
+  data_dir = data_dir or os.path.expanduser("~/tensorflow_datasets")
+  if builder.name == "imagenet2012":
+    steps = imagenet.preparation_steps(data_dir)
+  else:
+    steps = ("Prepare it once (a dataset that cannot be downloaded automatically says "
+             f"where to put its files):\n  tfds build {builder.name} --data_dir={data_dir}")
+  raise FileNotFoundError(
+      f"{builder.name} is not prepared in data_dir={data_dir!r}.\n{steps}\n"
+      "Then run the trainer again with --data_dir pointing at the same directory. "
+      "On several hosts, every host needs read access to the prepared data_dir.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,12 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jnat.nn import NeighborhoodAttention
+from jnat.nn import dropout
+from jnat.nn import trunc_normal_init
 
 Array = jax.Array
 
-# The reference initialises Linear weights with timm's trunc_normal_(std=.02), whose
-# truncation bounds are absolute (±2), i.e. ±100 std here: a plain N(0, 0.02).
-dense_init = nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
 # Convolutions keep PyTorch's default init, kaiming_uniform(a=√5): U(±1/√fan_in).
 conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 # PyTorch's LayerNorm epsilon (Flax defaults to 1e-6).
@@ -50,7 +49,7 @@ class _Module(nn.Module):
 
   def dense(self, features: int, name: str) -> nn.Dense:
     return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=dense_init, name=name)
+                    kernel_init=trunc_normal_init, name=name)
 
   def conv(self, features: int, fan_in: int, name: str, use_bias: bool = True) -> nn.Conv:
     """3×3 stride-2 convolution padded by 1 on every side, as ``nn.Conv2d(..., padding=1)``.
@@ -92,9 +91,8 @@ class DropPath(nn.Module):
   def __call__(self, x: Array, deterministic: bool) -> Array:
     if deterministic or self.rate == 0:
       return x
-    keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate,
-                                (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+    return dropout(x, self.rate, self.make_rng("dropout"),
+                   mask_shape=(x.shape[0],) + (1,) * (x.ndim - 1))
 
 
 class Mlp(_Module):
@@ -143,7 +141,7 @@ class NATBlock(_Module):
         num_heads=c.num_heads, kernel_size=(c.kernel_size,) * 2, dilation=self.dilation,
         qkv_bias=c.qkv_bias, rel_pos_bias=True, qk_scale=c.qk_scale, attn_drop=c.attn_drop,
         proj_drop=c.drop, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=dense_init, backend=c.backend, name="attn")
+        kernel_init=trunc_normal_init, backend=c.backend, name="attn")
     mlp = Mlp(hidden=int(dim * c.mlp_ratio), drop=c.drop, dtype=self.dtype,
               param_dtype=self.param_dtype, name="mlp")
     drop_path = DropPath(self.drop_path)

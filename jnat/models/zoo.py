@@ -130,5 +130,5 @@ def create(name: str, *, checkpoint: str | None = None, rng: jax.Array | None = 
 
 
 def count_params(params) -> int:
-  """Number of scalars in a parameter tree."""
+  """Number of scalars in a parameter tree (of arrays, or of their shapes)."""
   return sum(x.size for x in jax.tree.leaves(params))

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jnat.train import schedule as schedule_lib
 from jnat.train import state as state_lib
 from jnat.train import step as step_lib
 
@@ -28,13 +27,11 @@ def run(config, *, model=None, weight_decay_mask=None, print_fn=print) -> dict[s
   if batch_size % jax.device_count():
     raise ValueError(f"global_batch_size={batch_size} must be divisible by "
                      f"{jax.device_count()} devices")
-  model = model if model is not None else state_lib.create_model(config)
-  learning_rate_fn = schedule_lib.create_learning_rate_fn(config, steps_per_epoch=1000)
-  tx = state_lib.create_optimizer(config, learning_rate_fn,
-                                  weight_decay_mask or state_lib.default_weight_decay_mask)
+  # No dataset, so no real epoch length; the schedule's values do not change the timing.
+  setup = state_lib.create_setup(config, steps_per_epoch=1000, model=model,
+                                 weight_decay_mask=weight_decay_mask)
   size = config.image_size
-  init_fn = state_lib.make_init_fn(model, tx, (size, size, 3), use_ema=config.ema_decay > 0)
-  state = jax.jit(init_fn, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+  state = jax.jit(setup.init_fn, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
 
   def make_batch(rng):
     images = jax.random.normal(rng, (batch_size, size, size, 3), jnp.float32)
@@ -43,8 +40,8 @@ def run(config, *, model=None, weight_decay_mask=None, print_fn=print) -> dict[s
 
   batch = jax.jit(make_batch, out_shardings=step_lib.batch_sharding(mesh))(
       jax.random.PRNGKey(1))
-  train_step = step_lib.jit_train_step(mesh, model=model, tx=tx,
-                                       learning_rate_fn=learning_rate_fn, config=config)
+  train_step = step_lib.jit_train_step(mesh, model=setup.model, tx=setup.tx,
+                                       learning_rate_fn=setup.learning_rate_fn, config=config)
   t0 = time.perf_counter()
   compiled = train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0

@@ -17,7 +17,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -70,9 +69,6 @@ class Checkpoints:
                                            enable_async_checkpointing=self._async)
     return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
-  def all_steps(self) -> list[int]:
-    return sorted(self._manager.all_steps())
-
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
@@ -83,10 +79,6 @@ class Checkpoints:
     meta = dict(meta, step=int(step), fingerprints=fingerprint(state))
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-
-  def wait(self) -> None:
-    """Blocks until every started save is on disk."""
-    self._manager.wait_until_finished()
 
   def _restore_step(self, step: int, abstract_state):
     try:
@@ -143,8 +135,3 @@ class Checkpoints:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-def host_copy(tree) -> Any:
-  """NumPy copy of a (replicated) state tree, e.g. for comparisons in tests."""
-  return jax.tree.map(lambda x: np.asarray(x), tree)

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jnat import models
 from jnat.data import imagenet
 from jnat.data import pipeline
 from jnat.train import checkpoint as checkpoint_lib
@@ -98,6 +99,10 @@ def _evaluate(eval_step, params, builder, plan, preprocess, sharding) -> dict[st
   return {k: v / count for k, v in totals.items()}
 
 
+def _checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
 def _write_config(workdir: str, config) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -149,35 +154,30 @@ def train_and_evaluate(config, workdir: str, *, model: Optional[nn.Module] = Non
   preprocess_eval = functools.partial(imagenet.preprocess_eval, p=prep)
 
   # --- Model, optimizer and the state's shape. ---------------------------------------
-  model = model if model is not None else state_lib.create_model(config)
-  learning_rate_fn = schedule_lib.create_learning_rate_fn(config, steps_per_epoch)
-  tx = state_lib.create_optimizer(config, learning_rate_fn,
-                                  weight_decay_mask or state_lib.default_weight_decay_mask)
-  init_fn = state_lib.make_init_fn(model, tx, (config.image_size, config.image_size, 3),
-                                   use_ema=config.ema_decay > 0)
+  setup = state_lib.create_setup(config, steps_per_epoch, model=model,
+                                 weight_decay_mask=weight_decay_mask)
   rng = jax.random.PRNGKey(config.seed)
-  abstract_state = state_lib.abstract_with_sharding(jax.eval_shape(init_fn, rng), replicated)
 
   # --- Checkpoint: resume from the newest good one, else initialise. -----------------
-  checkpoints = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
+  checkpoints = checkpoint_lib.Checkpoints(_checkpoint_dir(workdir),
                                            keep=config.keep_checkpoints)
-  restored = checkpoints.restore_latest(abstract_state)
+  restored = checkpoints.restore_latest(setup.abstract_state(rng, replicated))
   if restored is not None:
     start_step, state, _ = restored
     log.info("resuming from checkpoint %d in %s", start_step, checkpoints.directory)
   else:
     start_step = 0
-    state = jax.jit(init_fn, out_shardings=replicated)(rng)
+    state = jax.jit(setup.init_fn, out_shardings=replicated)(rng)
   _write_config(workdir, config)
   log.info("%s: %d parameters; %d devices on %d hosts; %d steps (%d per epoch), "
-           "global batch %d", config.model, state_lib.num_params(state.params),
+           "global batch %d", config.model, models.count_params(state.params),
            jax.device_count(), jax.process_count(), num_steps, steps_per_epoch,
            config.global_batch_size)
 
   # --- Compiled steps. ---------------------------------------------------------------
-  train_step = step_lib.jit_train_step(mesh, model=model, tx=tx,
-                                       learning_rate_fn=learning_rate_fn, config=config)
-  eval_step = step_lib.jit_eval_step(mesh, model=model)
+  train_step = step_lib.jit_train_step(mesh, model=setup.model, tx=setup.tx,
+                                       learning_rate_fn=setup.learning_rate_fn, config=config)
+  eval_step = step_lib.jit_eval_step(mesh, model=setup.model)
 
   def evaluate(state) -> dict[str, float]:
     results = {}
@@ -300,24 +300,16 @@ def load_checkpoint(config, workdir: str, *, model: Optional[nn.Module] = None,
   """The newest good checkpoint of the run of `config` in `workdir`, as `(step, state)`.
 
   Returns None when the run has no usable checkpoint. The state is replicated over all
-  devices; `state.params` (or `state.ema_params`) is what inference needs.
+  devices; `state.params` (or `state.ema_params`) is what inference needs. The dataset is
+  not read: the schedule's length, which depends on it, does not shape the state.
   """
-  builder = pipeline.get_builder(config.dataset, config.data_dir)
-  steps_per_epoch = pipeline.plan_split(builder, config.train_split,
-                                        config.global_batch_size, train=True).steps
-  model = model if model is not None else state_lib.create_model(config)
-  tx = state_lib.create_optimizer(
-      config, schedule_lib.create_learning_rate_fn(config, steps_per_epoch),
-      weight_decay_mask or state_lib.default_weight_decay_mask)
-  init_fn = state_lib.make_init_fn(model, tx, (config.image_size, config.image_size, 3),
-                                   use_ema=config.ema_decay > 0)
+  setup = state_lib.create_setup(config, steps_per_epoch=1, model=model,
+                                 weight_decay_mask=weight_decay_mask)
   replicated = step_lib.replicated(step_lib.create_mesh())
-  abstract_state = state_lib.abstract_with_sharding(
-      jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed)), replicated)
-  checkpoints = checkpoint_lib.Checkpoints(os.path.join(os.path.abspath(workdir),
-                                                        "checkpoints"))
+  checkpoints = checkpoint_lib.Checkpoints(_checkpoint_dir(workdir))
   try:
-    restored = checkpoints.restore_latest(abstract_state)
+    restored = checkpoints.restore_latest(
+        setup.abstract_state(jax.random.PRNGKey(config.seed), replicated))
   finally:
     checkpoints.close()
   return None if restored is None else restored[:2]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+
+from jnat.train import schedule as schedule_lib
 
 
 class TrainState(struct.PyTreeNode):
@@ -30,10 +32,14 @@ class TrainState(struct.PyTreeNode):
 
 
 def create_model(config) -> nn.Module:
-  """The model named by `config.model`, computing in `config.compute_dtype`."""
+  """The model named by `config.model`, computing in `config.compute_dtype`.
+
+  `config.model_overrides` set attributes of the variant; a None there keeps the
+  variant's own value.
+  """
   from jnat import models  # pylint: disable=import-outside-toplevel
 
-  overrides = dict(config.model_overrides)
+  overrides = {k: v for k, v in config.model_overrides.items() if v is not None}
   return models.get(config.model, num_classes=config.num_classes,
                     dtype=jnp.dtype(config.compute_dtype), backend=config.attention_backend,
                     **overrides)
@@ -83,6 +89,34 @@ def abstract_with_sharding(tree, sharding) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def num_params(params) -> int:
-  return sum(x.size for x in jax.tree.leaves(params))
+class Setup(NamedTuple):
+  """What a run of a config builds before it reads data or state."""
+  model: nn.Module
+  learning_rate_fn: optax.Schedule
+  tx: optax.GradientTransformation
+  init_fn: Callable[[jax.Array], TrainState]  # see `make_init_fn`
+
+  def abstract_state(self, rng: jax.Array, sharding) -> Any:
+    """The state's shapes and dtypes, placed on `sharding`, without computing anything."""
+    return abstract_with_sharding(jax.eval_shape(self.init_fn, rng), sharding)
+
+
+def create_setup(config, steps_per_epoch: int, *, model: Optional[nn.Module] = None,
+                 weight_decay_mask: Optional[Callable[[Any], Any]] = None) -> Setup:
+  """Model, learning-rate schedule, optimizer and state initialiser of a run of `config`.
+
+  Args:
+    config: training config (see `configs/common.py`).
+    steps_per_epoch: optimizer steps per epoch, which the schedule is laid out in.
+    model: a Flax module `(images, *, train) -> logits`; default `create_model(config)`.
+    weight_decay_mask: `params -> bool tree` of parameters that get weight decay; default
+      `default_weight_decay_mask`.
+  """
+  model = model if model is not None else create_model(config)
+  learning_rate_fn = schedule_lib.create_learning_rate_fn(config, steps_per_epoch)
+  tx = create_optimizer(config, learning_rate_fn,
+                        weight_decay_mask or default_weight_decay_mask)
+  init_fn = make_init_fn(model, tx, (config.image_size, config.image_size, 3),
+                         use_ema=config.ema_decay > 0)
+  return Setup(model, learning_rate_fn, tx, init_fn)
 
