@@ -50,6 +50,7 @@ class Backend:
 BACKENDS = {
     "cuda": Backend("jnat._ffi", ("cuda",), _compiled("cuda")),
     "cpu": Backend("jnat._ffi", ("cpu",), _compiled("cpu")),
+    "tiled": Backend("jnat.tiled", None, dtypes=_checks.SUPPORTED_DTYPES + ("float64",)),
     "xla": Backend("jnat.reference", None, dtypes=_checks.SUPPORTED_DTYPES + ("float64",)),
 }
 
@@ -217,8 +218,8 @@ Args:
   return_lse: also return the natural-log logsumexp of the logits ``[batch, {spatial}, heads]``
     (float32).
   backend: ``None`` (per platform the fastest available: "cuda" on CUDA GPUs, "cpu" on
-    CPUs, "xla" elsewhere or for float64), ``"xla"``, ``"cpu"`` or ``"cuda"``. The choice
-    follows the platform the computation is lowered for.
+    CPUs, "tiled" elsewhere or for float64), ``"tiled"``, ``"xla"``, ``"cpu"`` or
+    ``"cuda"``. The choice follows the platform the computation is lowered for.
 
 Returns:
   The attention output, shaped like query (and the lse if `return_lse`).
