@@ -232,15 +232,12 @@ def _acc(x):
 
 
 def _logits(q, k, mask, bias, scale):
-  """q ``[U, B, Hkv, G*T, D]``, k ``[U, B, Hkv, W, D]``, mask ``[U, 1, T, W]``, bias
-  ``[U, H, T, W]`` or None -> masked logits ``[U, B, Hkv, G, T, W]`` (accumulation dtype)."""
-  units, b, kv_heads, _, _ = q.shape
-  _, _, tile, halo = mask.shape
-  s = jnp.einsum("ubkmd,ubkwd->ubkmw", q, k, preferred_element_type=_acc(q)) * scale
-  s = s.reshape(units, b, kv_heads, -1, tile, halo)
+  """q ``[U, B, H, T, D]``, k ``[U, B, H, W, D]``, mask ``[U, 1, T, W]``, bias ``[U, H, T, W]``
+  or None -> masked logits ``[U, B, H, T, W]`` in the accumulation dtype."""
+  s = jnp.einsum("ubhtd,ubhwd->ubhtw", q, k, preferred_element_type=_acc(q)) * scale
   if bias is not None:
-    s = s + bias.reshape(units, 1, kv_heads, -1, tile, halo)
-  return jnp.where(mask.reshape(units, 1, 1, 1, tile, halo), s, -jnp.inf)
+    s = s + bias[:, None]
+  return jnp.where(mask[:, None], s, -jnp.inf)
 
 
 def _forward_units(q, k, v, mask, bias, *, scale):
@@ -249,19 +246,18 @@ def _forward_units(q, k, v, mask, bias, *, scale):
   peak = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(peak), peak, 0.0))
   total = jnp.sum(p, axis=-1, keepdims=True)
-  p = p.reshape(*q.shape[:-1], -1).astype(v.dtype)
-  out = jnp.einsum("ubkmw,ubkwd->ubkmd", p, v, preferred_element_type=_acc(q))
+  out = jnp.einsum("ubhtw,ubhwd->ubhtd", p.astype(v.dtype), v, preferred_element_type=_acc(q))
   some = total > 0
-  out = out / jnp.where(some, total, 1.0).reshape(*q.shape[:-1], 1)
+  out = out / jnp.where(some, total, 1.0)
   lse = jnp.where(some, peak + jnp.log(jnp.where(some, total, 1.0)), -jnp.inf)
-  return out.astype(q.dtype), lse.reshape(q.shape[:-1])
+  return out.astype(q.dtype), lse[..., 0]
 
 
 def _transposed_product(a, b):
-  """``a^T b`` over axis -2, ``[..., M, W] x [..., M, D] -> [..., W, D]``, accumulated in
+  """``a^T b`` over axis -2, ``[..., T, W] x [..., T, D] -> [..., W, D]``, accumulated in
   float32 or wider. Computed as ``(b^T a)^T``: on CPU the small ``[D, W]`` result is cheaper
-  to transpose than the ``[M, W]`` operand."""
-  return jnp.swapaxes(jnp.einsum("...md,...mw->...dw", b, a, preferred_element_type=_acc(a)),
+  to transpose than the ``[T, W]`` operand."""
+  return jnp.swapaxes(jnp.einsum("...td,...tw->...dw", b, a, preferred_element_type=_acc(a)),
                       -1, -2)
 
 
@@ -269,19 +265,16 @@ def _backward_units(q, k, v, mask, bias, out, lse, dout, dlse, *, scale):
   acc = _acc(q)
   s = _logits(q, k, mask, bias, scale)
   finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # fully masked rows: p = 0
-  p = jnp.exp(s - finite_lse.reshape(s.shape[:-1] + (1,))).reshape(*q.shape[:-1], -1)
-  dp = jnp.einsum("ubkmd,ubkwd->ubkmw", dout, v, preferred_element_type=acc)
+  p = jnp.exp(s - finite_lse[..., None])
+  dp = jnp.einsum("ubhtd,ubhwd->ubhtw", dout, v, preferred_element_type=acc)
   # d lse / d s = p, so the lse cotangent joins the softmax's row term.
   delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse
   ds = p * (dp - delta[..., None])
   dv = _transposed_product(p.astype(dout.dtype), dout)
   ds_low = ds.astype(q.dtype)
-  dq = jnp.einsum("ubkmw,ubkwd->ubkmd", ds_low, k, preferred_element_type=acc) * scale
+  dq = jnp.einsum("ubhtw,ubhwd->ubhtd", ds_low, k, preferred_element_type=acc) * scale
   dk = _transposed_product(ds_low, q) * scale
-  dbias = None
-  if bias is not None:
-    units, heads, tile, halo = bias.shape
-    dbias = ds.reshape(units, -1, heads, tile, halo).sum(axis=1).astype(bias.dtype)
+  dbias = None if bias is None else jnp.sum(ds, axis=1).astype(bias.dtype)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias
 
 
@@ -300,8 +293,8 @@ def _map_units(fn, chunk, *arrays):
 def attend_units(q, k, v, mask, bias, scale, chunk):
   """Softmax attention of every tile's queries over its block: ``(out, lse)``.
 
-  q ``[U, B, Hkv, G*T, D]``; k, v ``[U, B, Hkv, W, D]``; mask ``[U, 1, T, W]``; bias
-  ``[U, H, T, W]`` or None; out like q; lse ``[U, B, Hkv, G*T]`` in the accumulation dtype.
+  q ``[U, B, H, T, D]``; k, v ``[U, B, H, W, D]``; mask ``[U, 1, T, W]``; bias
+  ``[U, H, T, W]`` or None; out like q; lse ``[U, B, H, T]`` in the accumulation dtype.
   Runs ``chunk`` units at a time.
   """
   return _map_units(functools.partial(_forward_units, scale=scale), chunk, q, k, v, mask, bias)
@@ -329,19 +322,70 @@ def _chunk_size(units, unit_elements):
   return max(c for c in range(1, min(units, most) + 1) if units % c == 0)
 
 
-def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None, tile=None):
-  """Fused neighborhood attention: ``(out, lse)``; natural-log lse in the accumulation dtype."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def spread_heads(x, heads, kv_sharded):
+  """GQA/MQA: ``[..., kv_heads, D]`` -> ``[..., heads, D]``, each kv head repeated for its group.
+
+  The heads axis may be sharded as the query's is, with kv sharded alike (``kv_sharded``, known
+  with Explicit mesh axes) or replicated. A repeat is a broadcast that a partitioner follows
+  either way. Its transpose, a sum over each group, splits the heads axis: fine when kv is
+  sharded alike, but over replicated kv only an all-gather could follow that, so there it is
+  a one-hot contraction over the heads instead (partial sums and an all-reduce).
+  """
+  return jnp.repeat(x, heads // x.shape[-2], axis=-2)
+
+
+def _spread_fwd(x, heads, kv_sharded):
+  return spread_heads(x, heads, kv_sharded), x.shape[-2]
+
+
+def _spread_bwd(heads, kv_sharded, kv_heads, grad):
+  if kv_sharded:
+    return (grad.reshape(*grad.shape[:-2], kv_heads, heads // kv_heads, -1).sum(axis=-2),)
+  onehot = np.arange(heads)[:, None] // (heads // kv_heads) == np.arange(kv_heads)
+  return (jnp.einsum("...hd,hk->...kd", grad, jnp.asarray(onehot, grad.dtype)),)
+
+
+spread_heads.defvjp(_spread_fwd, _spread_bwd)
+
+
+def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
   tilings = tiling(tuple(query.shape[1:1 + nbhd.rank]), nbhd, tile)
+  if query.shape[-2] != key.shape[-2]:
+    key, value = (spread_heads(x, query.shape[-2], kv_sharded) for x in (key, value))
   q = query_tiles(query, tilings)
   units, b, heads, t, dim = q.shape
   k, v = key_blocks(key, tilings), key_blocks(value, tilings)
-  kv_heads = k.shape[2]
   chunk = _chunk_size(units, b * heads * t * k.shape[3])
   bias = None if rpb is None else tile_rpb(rpb, tilings, _acc(query))
-  out, lse = attend_units(q.reshape(units, b, kv_heads, -1, dim), k, v, tile_mask(tilings), bias,
-                          scale, chunk)
-  return (untile_queries(out.reshape(q.shape), tilings),
-          untile_queries(lse.reshape(q.shape[:-1]), tilings))
+  out, lse = attend_units(q, k, v, tile_mask(tilings), bias, scale, chunk)
+  return untile_queries(out, tilings), untile_queries(lse, tilings)
+
+
+def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None, tile=None):
+  """Fused neighborhood attention: ``(out, lse)``; natural-log lse in the accumulation dtype.
+
+  ``tile``: queries per tile along each axis (default ``TILE[rank]``). Matmuls run at JAX's
+  default precision for the inputs' dtype (``jax.default_matmul_precision`` sets it).
+  """
+  attend = functools.partial(_attend, nbhd=nbhd, scale=scale, tile=tile)
+  spec = _explicit_spec(query)
+  if spec is None:
+    return attend(query, key, value, rpb, kv_sharded=False)
+  # Explicit mesh axes: the tile layout's reshapes are left to the partitioner, and the
+  # results keep the query's sharding (lse without head_dim).
+  kv_spec = _explicit_spec(key)
+  attend = functools.partial(attend, kv_sharded=kv_spec is not None and kv_spec[-2] is not None)
+  out_sharding = (jax.sharding.PartitionSpec(*spec), jax.sharding.PartitionSpec(*spec[:-1]))
+  return jax.sharding.auto_axes(attend, out_sharding=out_sharding)(query, key, value, rpb)
+
+
+def _explicit_spec(x):
+  """``x``'s partition spec, one entry per axis, if it is sharded over Explicit mesh axes."""
+  sharding = jax.typeof(x).sharding
+  if sharding.mesh.empty or jax.sharding.AxisType.Explicit not in sharding.mesh.axis_types:
+    return None
+  return tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
 
 
 # The unfused halves return per-window tensors, which is the reference's layout already.
