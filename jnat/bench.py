@@ -7,7 +7,8 @@ Usage::
 
 Each row times one implementation on one case: forward, backward alone (from saved
 residuals) and forward+backward, as medians. Compared on the same tokens: jnat's compiled
-backend, its ``xla`` reference backend, dense ``jax.nn.dot_product_attention`` (cuDNN on GPU)
+backend, its pure-JAX ``tiled`` backend (dense matmuls over query tiles), its ``xla``
+reference backend, dense ``jax.nn.dot_product_attention`` (cuDNN on GPU)
 and, on GPU when torch and natten are installed, NATTEN itself. Rates count in-window FLOPs
 only: 4·B·N·H·|window|·D for the forward and 2.5× that for the backward (five of the seven
 window matmuls). Peaks measured in the same run: a float32 2048² matmul on CPU; a bfloat16
@@ -72,6 +73,7 @@ CPU_CASES = (
     Case("(b) 2D 56x56 B2 H4 D32 K7 +rpb", (56, 56), 2, 4, 32, (7, 7), rpb=True),
     Case("(c) 1D L4096 B2 H4 D64 K63", (4096,), 2, 4, 64, (63,)),
     Case("(d) 3D 16x16x16 B1 H4 D32 K5", (16, 16, 16), 1, 4, 32, (5, 5, 5)),
+    Case("(e) 2D 128x128 B2 H4 D32 K13", (128, 128), 2, 4, 32, (13, 13)),
 )
 
 GPU_CASES = tuple(
