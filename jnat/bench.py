@@ -63,6 +63,10 @@ class Case:
         jnp.dtype(self.dtype).itemsize
 
   @property
+  def dense_logits_bytes(self) -> int:
+    return 4 * self.batch * self.heads * self.tokens**2
+
+  @property
   def gathered_bytes(self) -> float:
     """What the xla reference materialises in total (keys and values of every window)."""
     return self.forward_flops / 2 * jnp.dtype(self.dtype).itemsize
@@ -89,6 +93,8 @@ GPU_CASES = tuple(
 
 # The xla reference gathers every window: beyond this it would take minutes per call.
 XLA_MAX_GATHERED_BYTES = 64 << 30
+# Dense attention on CPU materialises B·H·N² logits: beyond this it would exhaust the host.
+CPU_DENSE_MAX_LOGITS_BYTES = 4 << 30
 
 
 def median_ms(fn, *args, repeats: int) -> float:
@@ -205,8 +211,9 @@ def run(suite: str, repeats: int, log=print):
     if case.gathered_bytes <= XLA_MAX_GATHERED_BYTES:
       impls.append(("jnat xla", lambda: _timings(_jnat_forward(case, "xla"), args, dout,
                                                  repeats)))
-    impls.append(("dense " + ("cudnn" if platform == "gpu" else "xla"),
-                  lambda: _timings(_dense_forward(platform), (q, k, v), dout, repeats)))
+    if platform == "gpu" or case.dense_logits_bytes <= CPU_DENSE_MAX_LOGITS_BYTES:
+      impls.append(("dense " + ("cudnn" if platform == "gpu" else "xla"),
+                    lambda: _timings(_dense_forward(platform), (q, k, v), dout, repeats)))
     if platform == "gpu":
       impls.append(("natten", lambda: _natten_timings(case, repeats)))
     for name, measure in impls:
