@@ -47,7 +47,7 @@ class AxisTiling:
   halo: int          # keys per tile's block W
   halo_offset: int   # tile t's block starts at group position t * T + halo_offset
   mask: np.ndarray        # bool [units, T, W]: key in the query's window (and causally visible)
-  rpb_onehot: np.ndarray  # float32 [units, T, W, 2K-1]: the rpb entry of each visible key
+  rpb_index: np.ndarray   # int32 [units, T, W]: the rpb entry of each visible key, else -1
 
   @property
   def units(self) -> int:
@@ -89,10 +89,10 @@ def _axis_tiling(length, kernel, stride, dilation, causal, wanted_tile) -> AxisT
   u, t, k = np.nonzero(visible)
   mask = np.zeros((units, tile, halo), bool)
   mask[u, t, slot[u, t, k]] = True
-  rpb_onehot = np.zeros((units, tile, halo, 2 * kernel - 1), np.float32)
-  rpb_onehot[u, t, slot[u, t, k], rpb_index[query.reshape(units, tile)[u, t], k]] = 1.0
+  block_rpb_index = np.full((units, tile, halo), -1, np.int32)
+  block_rpb_index[u, t, slot[u, t, k]] = rpb_index[query.reshape(units, tile)[u, t], k]
   return AxisTiling(length, dilation, group_length, tile, tiles, halo, offset, mask,
-                    rpb_onehot)
+                    block_rpb_index)
 
 
 @functools.lru_cache(maxsize=256)
@@ -214,7 +214,8 @@ def tile_rpb(rpb, tilings, dtype):
   u, t, w = ("".join(next(letters) for _ in range(rank)) for _ in range(3))
   operands = [f"h{''.join(r)}"] + [f"{u[a]}{t[a]}{w[a]}{r[a]}" for a in range(rank)]
   spread = functools.partial(jnp.einsum, ",".join(operands) + f"->{u}h{t}{w}")
-  onehots = [jnp.asarray(x.rpb_onehot, dtype) for x in tilings]
+  # One-hot rows (zero where masked): the products stay matmuls, in both directions.
+  onehots = [jax.nn.one_hot(x.rpb_index, n, dtype=dtype) for x, n in zip(tilings, rpb.shape[1:])]
   # One-hot products turn -inf into NaN (0 * -inf): spread the finite values and the -inf
   # positions (an rpb of -inf masks its slots) separately.
   finite = jnp.isfinite(rpb)

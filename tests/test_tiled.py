@@ -54,9 +54,9 @@ def _windows_from_tiles(t: tiled.AxisTiling, kernel):
     if in_group >= t.group_length or query >= t.length:
       continue  # padding: its output is dropped
     key_in_group = (unit % t.tiles) * t.tile + t.halo_offset + w
-    rpb = np.nonzero(t.rpb_onehot[unit, slot, w])[0]
-    assert rpb.size == 1 and 0 <= rpb[0] < 2 * kernel - 1
-    found.setdefault(int(query), []).append((int(key_in_group * t.dilation + group), int(rpb[0])))
+    rpb = int(t.rpb_index[unit, slot, w])
+    assert 0 <= rpb < 2 * kernel - 1
+    found.setdefault(int(query), []).append((int(key_in_group * t.dilation + group), rpb))
   return {q: sorted(v) for q, v in found.items()}
 
 
@@ -70,6 +70,7 @@ def test_tables_encode_exactly_the_reference_windows(a):
   expected = {i: sorted(zip(keys[i][valid[i]].tolist(), rpb_index[i][valid[i]].tolist()))
               for i in range(a["length"])}
   assert _windows_from_tiles(t, a["kernel"]) == expected
+  assert np.array_equal(t.rpb_index >= 0, t.mask)  # an rpb entry exactly where visible
   assert t.tile % a["stride"] == 0 or t.tile == t.group_length  # tiles hold whole stride groups
   # Blocks stay local: the tile plus about one window (plus border shifts), whatever the length.
   assert t.halo <= t.tile + 2 * a["kernel"]
