@@ -17,11 +17,11 @@ import pytest
 from hypothesis import given, settings
 
 from jnat.cpu_info import cpu_info
-from na_testing import COMPILED_BACKENDS, random_inputs
-from test_backends import (EXAMPLES, SETTINGS, _check_fused_against_reference,
-                           _check_unfused_against_reference, configs)
-from test_ops_golden import (CASES, WEIGHT_CASES, _check_fused_against_natten,
-                             _check_unfused_against_natten)
+from na_testing import (BUCKETS, COMPILED_BACKENDS, GOLDEN, WEIGHT_CASES, bucket_config,
+                        check_fused_against_natten, check_fused_against_reference,
+                        check_unfused_against_natten, check_unfused_against_reference,
+                        random_inputs)
+from test_backends import EXAMPLES, MASKS, SEEDS, SETTINGS
 
 pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS, reason="no CPU kernels built")
 
@@ -66,26 +66,33 @@ def _cpuinfo_flags():
     return ""
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", GOLDEN)
 def test_fused_matches_natten(case, isa):
-  _check_fused_against_natten(case, "cpu")
+  check_fused_against_natten(case, "cpu")
 
 
-@pytest.mark.parametrize("case", WEIGHT_CASES, ids=[c[0] for c in WEIGHT_CASES])
+@pytest.mark.parametrize("case", WEIGHT_CASES)
 def test_unfused_matches_natten_weights(case, isa):
-  _check_unfused_against_natten(case, "cpu")
+  check_unfused_against_natten(case, "cpu")
 
 
-@settings(SETTINGS, max_examples=max(EXAMPLES // 20, 5))
-@given(c=configs())
-def test_fused_matches_reference(isa, c):
-  _check_fused_against_reference(c, "cpu")
+# Per instruction set, one random configuration in each of a spread of buckets (the
+# executables compiled by test_backends.py in the same process are reused).
+ISA_BUCKETS = range(0, len(BUCKETS), max(len(BUCKETS) * 20 // max(EXAMPLES, 1), 1))
 
 
-@settings(SETTINGS, max_examples=max(EXAMPLES // 40, 3))
-@given(c=configs())
-def test_unfused_matches_reference(isa, c):
-  _check_unfused_against_reference(c, "cpu")
+@pytest.mark.parametrize("bucket", ISA_BUCKETS)
+@settings(SETTINGS, max_examples=1)
+@given(seed=SEEDS, mask=MASKS)
+def test_fused_matches_reference(isa, bucket, seed, mask):
+  check_fused_against_reference(bucket_config(bucket, seed, mask), "cpu")
+
+
+@pytest.mark.parametrize("bucket", ISA_BUCKETS[::2])
+@settings(SETTINGS, max_examples=1)
+@given(seed=SEEDS)
+def test_unfused_matches_reference(isa, bucket, seed):
+  check_unfused_against_reference(bucket_config(bucket, seed, mask=1), "cpu")
 
 
 @jax.jit

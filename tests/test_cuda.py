@@ -18,13 +18,12 @@ from hypothesis import given, settings
 
 import jnat
 from jnat import _checks, _ffi
-from na_testing import (FWD_VALIDATION_CASES, HALF_TOL, assert_fwd_handler_rejects,
-                        assert_fwd_handler_rejects_wrong_output_shape, random_inputs)
-from test_backends import (SETTINGS, _check_fused_against_reference,
-                           _check_unfused_against_reference, _fused_with_grads, _inputs,
-                           _nbhd_args, configs)
-from test_ops_golden import (CASES, WEIGHT_CASES, _check_fused_against_natten,
-                             _check_unfused_against_natten)
+from na_testing import (BUCKETS, FWD_VALIDATION_CASES, GOLDEN, WEIGHT_CASES, assert_close,
+                        assert_fwd_handler_rejects, assert_fwd_handler_rejects_wrong_output_shape,
+                        bucket_config, check_fused_against_natten, check_fused_against_reference,
+                        check_unfused_against_natten, check_unfused_against_reference,
+                        config_inputs, fused_with_grads, nbhd_args, random_inputs)
+from test_backends import EXAMPLES, MASKS, SEEDS, SETTINGS, per_bucket
 
 TARGETS = ("jnat_na_fwd", "jnat_na_bwd", "jnat_na_qk", "jnat_na_qk_bwd", "jnat_na_av",
            "jnat_na_av_bwd")
@@ -83,22 +82,23 @@ def test_unfused_lower_to_cuda_custom_calls():
 # --- On a GPU: the kernels. ---
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", GOLDEN)
 def test_cuda_matches_natten(case):
-  _check_fused_against_natten(case, "cuda")
+  check_fused_against_natten(case, "cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", WEIGHT_CASES, ids=[c[0] for c in WEIGHT_CASES])
+@pytest.mark.parametrize("case", WEIGHT_CASES)
 def test_cuda_unfused_matches_natten_weights(case):
-  _check_unfused_against_natten(case, "cuda")
+  check_unfused_against_natten(case, "cuda")
 
 
 @pytest.mark.gpu
-@SETTINGS
-@given(c=configs())
-def test_cuda_fused_matches_reference(c):
-  _check_fused_against_reference(c, "cuda")
+@pytest.mark.parametrize("bucket", range(len(BUCKETS)))
+@settings(SETTINGS, max_examples=per_bucket(EXAMPLES))
+@given(seed=SEEDS, mask=MASKS)
+def test_cuda_fused_matches_reference(bucket, seed, mask):
+  check_fused_against_reference(bucket_config(bucket, seed, mask), "cuda")
 
 
 # Head dims around the tensor-core buckets (32, 64, 128) and past them (general kernel), with
@@ -113,7 +113,7 @@ HEAD_DIM_CASE = dict(rank=2, batch=2, spatial=(19, 23), kernel_size=(5, 7), stri
 @pytest.mark.parametrize("dim", [8, 12, 16, 32, 40, 64, 96, 128, 160, 256, 320])
 def test_cuda_head_dims(dim, dtype):
   c = dict(HEAD_DIM_CASE, dim=dim, dtype=dtype)
-  _check_fused_against_reference(c, "cuda")
+  check_fused_against_reference(c, "cuda")
 
 
 @pytest.mark.gpu
@@ -130,47 +130,42 @@ def test_cuda_head_dims(dim, dtype):
 ], ids=["1d-k63", "2d-nat", "2d-dilated-causal", "3d"])
 def test_cuda_larger_problems(c, dtype):
   c = dict(c, batch=1, heads=2, kv_heads=1, rpb=True, extra_tokens=0, seed=3, dtype=dtype)
-  _check_fused_against_reference(c, "cuda")
+  check_fused_against_reference(c, "cuda")
 
 
 @pytest.mark.gpu
-@settings(SETTINGS, max_examples=max(SETTINGS.max_examples // 4, 10))
-@given(c=configs())
-def test_cuda_unfused_matches_reference(c):
-  _check_unfused_against_reference(c, "cuda")
+@pytest.mark.parametrize("bucket", range(len(BUCKETS)))
+@settings(SETTINGS, max_examples=per_bucket(EXAMPLES // 4))
+@given(seed=SEEDS)
+def test_cuda_unfused_matches_reference(bucket, seed):
+  check_unfused_against_reference(bucket_config(bucket, seed, mask=1), "cuda")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_cuda_unfused_half_and_single(dtype):
   c = dict(HEAD_DIM_CASE, dim=32, dtype=dtype)
-  q, k, v, rpb, _, _ = _inputs(c)
-  args = _nbhd_args(c)
+  q, k, v, rpb, _, _ = config_inputs(c)
+  args = nbhd_args(c)
   weights = jax.nn.softmax(jnat.na2d_qk(q, k, rpb=rpb, backend="xla", **args).astype(
       jnp.float32), -1).astype(dtype)
   out = jnat.na2d_av(weights, v, backend="cuda", **args)
   assert out.dtype == jnp.dtype(dtype)
-  np.testing.assert_allclose(np.asarray(out, np.float32),
-                             np.asarray(jnat.na2d_av(weights, v, backend="xla", **args),
-                                        np.float32),
-                             **HALF_TOL.get(dtype, dict(atol=2e-5, rtol=1e-6)))
-  cu = jnat.na2d_qk(q, k, rpb=rpb, backend="cuda", **args)
-  ref = jnat.na2d_qk(q, k, rpb=rpb, backend="xla", **args)
-  np.testing.assert_array_equal(np.isinf(np.asarray(cu, np.float32)),
-                                np.isinf(np.asarray(ref, np.float32)))
-  tol = HALF_TOL.get(dtype, dict(atol=2e-5, rtol=1e-6))
-  finite = np.isfinite(np.asarray(ref, np.float32))
-  np.testing.assert_allclose(np.asarray(cu, np.float32)[finite],
-                             np.asarray(ref, np.float32)[finite], **tol)
+  assert_close(out, jnat.na2d_av(weights, v, backend="xla", **args), dtype, "out")
+  cu = np.asarray(jnat.na2d_qk(q, k, rpb=rpb, backend="cuda", **args), np.float32)
+  ref = np.asarray(jnat.na2d_qk(q, k, rpb=rpb, backend="xla", **args), np.float32)
+  np.testing.assert_array_equal(np.isinf(cu), np.isinf(ref))
+  finite = np.isfinite(ref)
+  assert_close(cu[finite], ref[finite], dtype, "logits")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_cuda_backward_is_deterministic(dtype):
   c = dict(HEAD_DIM_CASE, dim=64, dtype=dtype)
-  inputs = _inputs(c)
-  first = _fused_with_grads(c, "cuda", inputs)
-  second = _fused_with_grads(c, "cuda", inputs)
+  inputs = config_inputs(c)
+  first = fused_with_grads(c, "cuda", inputs)
+  second = fused_with_grads(c, "cuda", inputs)
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
@@ -188,7 +183,7 @@ def test_cuda_vmap_and_jit():
   f = lambda backend: jax.jit(jax.vmap(
       lambda q, k, v: jnat.na2d(q[None], k[None], v[None], kernel_size=3, rpb=rpb,
                                 backend=backend)[0]))
-  np.testing.assert_allclose(f("cuda")(q, k, v), f("xla")(q, k, v), atol=2e-5, rtol=0)
+  assert_close(f("cuda")(q, k, v), f("xla")(q, k, v), "float32", "out")
 
 
 # --- The handlers' own validation, called directly with attributes that lie. ---
