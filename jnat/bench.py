@@ -188,7 +188,8 @@ def _natten_timings(case: Case, repeats: int):
   return timed(fwd), timed(bwd), timed(both)
 
 
-def run(suite: str, repeats: int, log=print):
+def run(suite: str, repeats: int, log=print, only=None):
+  """Times every implementation on every case of `suite` (or just the `only` named ones)."""
   platform = "gpu" if suite == "gpu" else "cpu"
   cases = GPU_CASES if suite == "gpu" else CPU_CASES
   peaks = {}
@@ -217,6 +218,8 @@ def run(suite: str, repeats: int, log=print):
     if platform == "gpu":
       impls.append(("natten", lambda: _natten_timings(case, repeats)))
     for name, measure in impls:
+      if only and name not in only:
+        continue
       try:
         times = measure()
       except Exception as e:  # e.g. out of memory: record it, keep benchmarking
@@ -279,8 +282,10 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--out", default="bench_results.json",
                       help="JSON results file; a Markdown table is written beside it")
+  parser.add_argument("--only", action="append", metavar="IMPL",
+                      help='time only this implementation (repeatable), e.g. "jnat cpu"')
   args = parser.parse_args(argv)
-  result = run(args.suite, args.repeats)
+  result = run(args.suite, args.repeats, only=args.only)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   table = markdown(result)

@@ -60,7 +60,7 @@ def test_bench_command_parses(commands, monkeypatch):
   class Parsed(Exception):
     pass
 
-  def fake_run(suite, repeats):
+  def fake_run(suite, repeats, **_):
     seen.update(suite=suite, repeats=repeats)
     raise Parsed
 
