@@ -7,6 +7,7 @@ each device to pick its kv heads and the kv gradients summed over heads. All sho
 for every case of sharding_worker.CASES on Auto and Explicit meshes, forward and gradients.
 """
 
+import fcntl
 import json
 import os
 import pathlib
@@ -26,14 +27,28 @@ XLA_AUTO_GATHERS = {"gqa-6-3", "gqa-6-3-extra"}
 WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
 
 
-@pytest.fixture(scope="module")
-def results():
+def _run_worker():
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run([sys.executable, str(WORKER), ",".join(ALL_BACKENDS)], capture_output=True,
                         text=True, env=env, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory):
+  """The worker's results, computed once per test session: the first pytest-xdist worker to
+  get here runs it while the others wait, then all read its file in the session's folder."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's folder, shared by its workers
+  shared = root / "sharding_results.json"
+  with open(shared.with_suffix(".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not shared.exists():
+      shared.write_text(json.dumps(_run_worker()))
+  return json.loads(shared.read_text())
 
 
 def test_every_case_ran(results):
