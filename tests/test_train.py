@@ -36,9 +36,6 @@ if ROOT not in sys.path:
 from jnat import models  # noqa: E402
 from jnat.train import loop, schedule, state as state_lib  # noqa: E402
 
-# Runs that share compiled steps should stay in one process (pytest-xdist's loadgroup).
-pytestmark = pytest.mark.xdist_group("trainer")
-
 VARIANT_CONFIGS = ["nat_mini", "nat_tiny", "nat_small", "nat_base", "dinat_mini",
                    "dinat_tiny", "dinat_small", "dinat_base", "dinat_large"]
 
