@@ -41,30 +41,6 @@ constexpr int BwdSmemBytes(int head_dim) {
          kTileKeys * 8;
 }
 
-// acc[nb] (m16 x n8 blocks, head dim HD) += A (16 x 64, from 16-bit-packed fp32 registers
-// p[8][4] in the C layout) times the 64 x HD tile at rows, read transposed (ldmatrix.trans).
-template <typename T, int HD>
-__device__ __forceinline__ void AccumulatePTimesRows(float (*acc)[4], const float (*p)[4],
-                                                     const uint16_t* rows, int lane) {
-  constexpr int kLd = HD + kSmemPad;
-#pragma unroll
-  for (int kc = 0; kc < kTileKeys / 16; ++kc) {
-    uint32_t pa[4];
-    pa[0] = Mma<T>::Pack(p[2 * kc][0], p[2 * kc][1]);
-    pa[1] = Mma<T>::Pack(p[2 * kc][2], p[2 * kc][3]);
-    pa[2] = Mma<T>::Pack(p[2 * kc + 1][0], p[2 * kc + 1][1]);
-    pa[3] = Mma<T>::Pack(p[2 * kc + 1][2], p[2 * kc + 1][3]);
-#pragma unroll
-    for (int dp = 0; dp < HD / 16; ++dp) {
-      uint32_t bf[4];
-      Ldmatrix4Trans(bf, rows + (kc * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kLd + dp * 16 +
-                             (lane / 16) * 8);
-      Mma<T>::Run(acc[2 * dp], pa, bf[0], bf[1]);
-      Mma<T>::Run(acc[2 * dp + 1], pa, bf[2], bf[3]);
-    }
-  }
-}
-
 // c[8][4] = A (16 x HD, fragments a[HD/16][4]) times the 64 x HD tile at rows, transposed:
 // a 16 x 64 block of row . row dot products.
 template <typename T, int HD>

@@ -203,23 +203,7 @@ __global__ void __launch_bounds__(32 * kTileWarps, FwdMinBlocks(HD)) FwdMmaKerne
         }
       }
 
-      // O += P V: P from the S registers (the m16n8k16 A layout), V via transposing ldmatrix.
-#pragma unroll
-      for (int kc = 0; kc < kTileKeys / 16; ++kc) {
-        uint32_t pa[4];
-        pa[0] = Mma<T>::Pack(sc[2 * kc][0], sc[2 * kc][1]);
-        pa[1] = Mma<T>::Pack(sc[2 * kc][2], sc[2 * kc][3]);
-        pa[2] = Mma<T>::Pack(sc[2 * kc + 1][0], sc[2 * kc + 1][1]);
-        pa[3] = Mma<T>::Pack(sc[2 * kc + 1][2], sc[2 * kc + 1][3]);
-#pragma unroll
-        for (int dp = 0; dp < HD / 16; ++dp) {
-          uint32_t bf[4];
-          Ldmatrix4Trans(bf, vs + (kc * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kLd + dp * 16 +
-                                 (lane / 16) * 8);
-          Mma<T>::Run(o[2 * dp], pa, bf[0], bf[1]);
-          Mma<T>::Run(o[2 * dp + 1], pa, bf[2], bf[3]);
-        }
-      }
+      AccumulatePTimesRows<T, HD>(o, sc, vs, lane);  // O += P V
     }
 
     // Epilogue: normalise, write the output rows and the lse.
