@@ -7,6 +7,7 @@ on a CPU machine, not a GPU run.
 import os
 import pathlib
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -46,6 +47,12 @@ def test_script_parses_and_lists_every_stage(commands):
   assert list(commands) == STAGES
   assert list(_dry_run()) == DEFAULT_STAGES
   assert list(_dry_run("bench", "sanitize")) == ["bench", "sanitize"]
+
+
+def test_every_stage_runs_a_program(commands):
+  # Stages run under `timeout`, which takes programs, not shell functions.
+  for stage, argv in commands.items():
+    assert shutil.which(argv[0]), (stage, argv)
 
 
 def test_results_stay_a_handful_of_files(commands):
