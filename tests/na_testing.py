@@ -332,6 +332,7 @@ FWD_VALIDATION_CASES = [
     (dict(kernel_size=np.array([1, 3], np.int64)), None, "kernel_size"),
     (dict(kernel_size=np.array([1, 30, 3], np.int64)), None, "kernel"),
     (dict(kernel_size=np.array([1, 0, 3], np.int64)), None, "kernel"),
+    (dict(kernel_size=np.array([1, 1, 3], np.int64)), None, "kernel"),  # >= 2, as in Python
     (dict(stride=np.array([1, 0, 1], np.int64)), None, "stride"),
     (dict(stride=np.array([1, 4, 1], np.int64)), None, "stride"),
     (dict(dilation=np.array([1, 0, 1], np.int64)), None, "dilation"),
