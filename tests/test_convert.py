@@ -31,7 +31,7 @@ def _golden_cases():
     yield pytest.param(cfg, arrays, id=cfg["name"])
 
 
-@pytest.mark.parametrize("cfg, arrays", _golden_cases())
+@pytest.mark.parametrize("cfg, arrays", list(_golden_cases()))
 def test_torch_reference_matches_natten(cfg, arrays):
   t = {k: torch.from_numpy(v) for k, v in arrays.items()}
   out = torch_nat.neighbourhood_attention(
