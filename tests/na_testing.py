@@ -67,8 +67,6 @@ TOLERANCES = {
     **{("bfloat16/float32", g): RelErr(5e-3) for g in ("dq", "dk", "dv")},
     **{("float16/float32", g): RelErr(2e-2) for g in ("dq", "dk", "dv")},
 }
-# The half-precision output bounds as allclose keywords (test_tiled.py's form).
-HALF_TOL = {d: TOLERANCES[d, "out"]._asdict() for d in HALF_DTYPES}
 
 
 def rel_err(actual, expected):

@@ -2,36 +2,28 @@
 
 * Its tile tables (the only part that depends on the neighbourhood) encode exactly the
   reference's windows, on thousands of random configurations (NumPy only, no compiling).
-* Forward, lse and every gradient match NATTEN's golden data and the xla reference on random
-  configurations: JNAT_TILED_EXAMPLES random inputs (default 200) spread over a fixed pool of
-  24 random shape buckets (every feature of the op), so that each bucket compiles once.
+* Forward, lse and every gradient match the xla reference on random configurations: at least
+  JNAT_PROPERTY_EXAMPLES (default 200) random inputs over the shared pool of shape buckets
+  (tests/na_testing.py, every feature of the op), so that each bucket compiles once; NATTEN's
+  golden data is checked for every backend in tests/test_ops_golden.py.
 * float64 gradients against finite differences; jit/grad/vmap/remat.
 * It lowers for TPU and CUDA from this machine with no custom call, and its compiled
   forward+backward needs at least 4x less temporary memory than the xla reference's.
 """
 
-import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from jnat import _checks, reference, tiled
-from na_testing import HALF_TOL, golden_cases, op, random_inputs, rel_err
-
-EXAMPLES = int(os.environ.get("JNAT_TILED_EXAMPLES", "200"))
-SETTINGS = settings(deadline=None, derandomize=True, database=None,
-                    suppress_health_check=list(HealthCheck))
-
-
-def _nbhd_args(c):
-  return dict(kernel_size=c["kernel_size"], stride=c["stride"], dilation=c["dilation"],
-              is_causal=c["is_causal"])
+from na_testing import (BUCKETS, bucket_config, check_fused_against_reference, nbhd_args, op,
+                        random_inputs, rel_err)
+from test_backends import EXAMPLES, MASKS, SEEDS, SETTINGS, per_bucket
 
 
 # --- The tile tables against the reference's windows. ---
@@ -76,114 +68,14 @@ def test_tables_encode_exactly_the_reference_windows(a):
   assert t.halo <= t.tile + 2 * a["kernel"]
 
 
-# --- Numbers: NATTEN's golden data. ---
-
-CASES = golden_cases()
-
-
-@functools.lru_cache(maxsize=None)
-def _fused_vjp(rank, backend, kernel_size, stride, dilation, is_causal):
-  def f(q, k, v, rpb):
-    return op(rank)(q, k, v, kernel_size, stride, dilation, is_causal, rpb=rpb, return_lse=True,
-                    backend=backend)
-  return jax.jit(lambda q, k, v, rpb, dout: jax.vjp(f, q, k, v, rpb)[1](
-      (dout, jnp.zeros(q.shape[:-1], jnp.float32))) + f(q, k, v, rpb))
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_matches_natten(case):
-  _, cfg, a = case
-  args = {n: tuple(cfg[n]) for n in ("kernel_size", "stride", "dilation", "is_causal")}
-  run = _fused_vjp(cfg["na_dim"], "tiled", *args.values())
-  dq, dk, dv, drpb, out, lse = run(a["q"], a["k"], a["v"], a.get("rpb"), a["dout"])
-  np.testing.assert_allclose(out, a["out"], atol=2e-5, rtol=0)
-  if "lse" in a:
-    np.testing.assert_allclose(lse, a["lse"], atol=2e-5, rtol=0)
-  for name, grad in (("dq", dq), ("dk", dk), ("dv", dv), ("drpb", drpb)):
-    if name in a:
-      assert rel_err(grad, a[name]) <= 1e-4, name
-
-
-# --- Numbers: the xla reference on random configurations. ---
-
-def _random_bucket(rng):
-  """One random shape bucket: every feature of the op, small sizes."""
-  rank = int(rng.integers(1, 4))
-  max_kernel, max_extra = {1: 9, 2: 5, 3: 3}[rank], {1: 20, 2: 6, 3: 3}[rank]
-  axes_ = []
-  for _ in range(rank):
-    kernel, dilation = int(rng.integers(2, max_kernel + 1)), int(rng.integers(1, 4))
-    axes_.append((kernel * dilation + int(rng.integers(0, max_extra + 1)), kernel,
-                  int(rng.integers(1, kernel + 1)), dilation, bool(rng.integers(0, 2))))
-  spatial, kernel_size, stride, dilation, is_causal = (tuple(x) for x in zip(*axes_))
-  kv_heads = int(rng.choice([1, 2]))
-  return dict(rank=rank, batch=int(rng.integers(1, 3)), spatial=spatial, kv_heads=kv_heads,
-              heads=kv_heads * int(rng.choice([1, 2, 3])), dim=int(rng.choice([4, 8, 16])),
-              kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
-              rpb=bool(rng.integers(0, 2)), extra_tokens=int(rng.choice([0, 0, 2])),
-              dtype=str(rng.choice(["float32"] * 4 + ["bfloat16", "float16"])))
-
-
-BUCKETS = [_random_bucket(np.random.default_rng(i)) for i in range(24)]
-
-
-@functools.lru_cache(maxsize=None)
-def _loss_grads(backend, bucket_index):
-  """jit(grad) of a loss on out and lse, for one bucket: compiled once, reused by every draw."""
-  c = BUCKETS[bucket_index]
-
-  def loss(q, k, v, rpb, ak, av):
-    out, lse = op(c["rank"])(q, k, v, rpb=rpb, additional_keys=ak, additional_values=av,
-                             return_lse=True, backend=backend, **_nbhd_args(c))
-    # Fixed pseudo-random cotangents for out and lse, so both gradient paths are exercised.
-    w_out = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
-    w_lse = jnp.sin(jnp.arange(lse.size, dtype=jnp.float32)).reshape(lse.shape)
-    return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(lse * w_lse), (out, lse)
-
-  argnums = tuple(i for i, present in enumerate(
-      [True, True, True, c["rpb"], c["extra_tokens"] > 0, c["extra_tokens"] > 0]) if present)
-  return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))
-
+# --- Numbers: the xla reference on the shared pool of random shape buckets. ---
+# (NATTEN's golden data: tests/test_ops_golden.py runs every backend, this one included.)
 
 @pytest.mark.parametrize("bucket", range(len(BUCKETS)))
-@settings(SETTINGS, max_examples=-(-EXAMPLES // len(BUCKETS)))
-@given(seed=st.integers(0, 2**16))
-def test_matches_reference(bucket, seed):
-  c = BUCKETS[bucket]
-  inputs = random_inputs(seed, c["batch"], c["spatial"], c["heads"], c["kv_heads"], c["dim"],
-                         c["dtype"], tuple(2 * k - 1 for k in c["kernel_size"])
-                         if c["rpb"] else None, c["extra_tokens"])
-  grads, (out, lse) = _loss_grads("tiled", bucket)(*inputs)
-  ref_grads, (ref_out, ref_lse) = _loss_grads("xla", bucket)(*inputs)
-  assert out.dtype == inputs[0].dtype and out.shape == inputs[0].shape
-  assert len(grads) == len(ref_grads)
-  if c["dtype"] == "float32":
-    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=0)
-    np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=0)
-    for g, r in zip(grads, ref_grads):
-      assert rel_err(g, r) <= 1e-4
-  else:
-    f32 = lambda x: np.asarray(x, np.float32)
-    np.testing.assert_allclose(f32(out), f32(ref_out), **HALF_TOL[c["dtype"]])
-    np.testing.assert_allclose(lse, ref_lse, atol=1e-3, rtol=0)
-    for g, r in zip(grads, ref_grads):
-      assert rel_err(f32(g), f32(r)) <= 2e-2
-
-
-def test_buckets_cover_every_feature():
-  """The pool holds every rank, dtype, odd and even kernels, stride, dilation, causal, GQA,
-  rpb and additional tokens (a guard against an unlucky pool)."""
-  seen = set()
-  for c in BUCKETS:
-    seen |= {f"rank{c['rank']}", c["dtype"]}
-    seen |= {"even" for k in c["kernel_size"] if k % 2 == 0} | {
-        "odd" for k in c["kernel_size"] if k % 2}
-    seen |= {"stride" for s in c["stride"] if s > 1} | {"dilation" for d in c["dilation"] if d > 1}
-    seen |= {"causal" for x in c["is_causal"] if x}
-    seen |= {"gqa"} if c["heads"] > c["kv_heads"] else set()
-    seen |= ({"rpb"} if c["rpb"] else set()) | ({"extra"} if c["extra_tokens"] else set())
-  assert seen == {"rank1", "rank2", "rank3", "float32", "bfloat16", "float16", "even", "odd",
-                  "stride", "dilation", "causal", "gqa", "rpb", "extra"}
+@settings(SETTINGS, max_examples=per_bucket(EXAMPLES))
+@given(seed=SEEDS, mask=MASKS)
+def test_matches_reference(bucket, seed, mask):
+  check_fused_against_reference(bucket_config(bucket, seed, mask), "tiled")
 
 
 def test_fully_masked_window_gives_zero_and_minus_inf():
@@ -212,7 +104,7 @@ def test_gradients_float64(c):
     q, k, v, rpb, _, _ = random_inputs(3, 1, c["spatial"], c["heads"], c["kv_heads"], 4,
                                        jnp.float64, tuple(2 * k - 1 for k in c["kernel_size"]))
     f = jax.jit(lambda q, k, v, rpb: op(c["rank"])(q, k, v, rpb=rpb, return_lse=True,
-                                                   backend="tiled", **_nbhd_args(c)))
+                                                   backend="tiled", **nbhd_args(c)))
     check_grads(f, (q, k, v, rpb.astype(jnp.float64)), order=1, modes=("rev",), eps=1e-6,
                 atol=1e-6, rtol=1e-6)
 
