@@ -55,13 +55,13 @@ def axis_windows(length: int, kernel: int, stride: int, dilation: int, causal: b
   return keys.astype(np.int32), valid, rpb_index.astype(np.int32)
 
 
-def _acc(x):
+def acc_dtype(x):
   """Accumulation dtype: float32 for half and single precision, float64 stays float64."""
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
 # Full-precision products: GPUs default float32 matmuls to TF32 (~1e-3 relative).
-_einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
 
 
 def _window_tables(spatial, nbhd: Neighborhood, rows=None):
@@ -99,7 +99,7 @@ def _logits(query, key, tables, rpb, scale):
   _check_heads_layout(query, kv_heads)
   q = query.reshape(b, *spatial, kv_heads, heads // kv_heads, dim)
   k_win = _gather_windows(key, keys).reshape(b, *spatial, -1, kv_heads, dim)
-  logits = _einsum("b...hgd,b...nhd->b...hgn", q, k_win)
+  logits = einsum("b...hgd,b...nhd->b...hgn", q, k_win)
   logits = logits.reshape(b, *spatial, heads, -1) * scale
   if rpb is not None:
     bias = rpb.astype(logits.dtype)[(slice(None),) + tuple(rpb_index)]
@@ -115,7 +115,7 @@ def _apply_weights(weights, value, tables):
   weights = jnp.where(valid.reshape(*spatial, 1, n), weights, 0.0)
   v_win = _gather_windows(value, keys).reshape(b, *spatial, n, kv_heads, dim)
   w = weights.reshape(b, *spatial, kv_heads, heads // kv_heads, n)
-  out = _einsum("b...hgn,b...nhd->b...hgd", w, v_win)
+  out = einsum("b...hgn,b...nhd->b...hgd", w, v_win)
   return out.reshape(b, *spatial, heads, dim)
 
 
@@ -173,7 +173,7 @@ def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None):
   accumulation dtype first, so gradients also accumulate there.
   """
   b, *spatial, heads, dim = query.shape
-  acc = _acc(query)
+  acc = acc_dtype(query)
 
   def attend(tables, q, key, value, rpb):
     logits = _logits(q, key, tables, rpb, scale)
@@ -194,7 +194,7 @@ def na_qk(query, key, nbhd: Neighborhood, rpb=None):
     return _logits(q, key, tables, rpb, 1.0).astype(query.dtype)
 
   row = b * math.prod(spatial[1:]) * heads * nbhd.window_size * dim
-  acc = _acc(query)
+  acc = acc_dtype(query)
   return _chunked(qk, nbhd, [query.astype(acc)], [key.astype(acc), rpb], row)
 
 
@@ -206,7 +206,7 @@ def na_av(attn, value, nbhd: Neighborhood):
     return _apply_weights(attn, value_acc, tables).astype(value.dtype)
 
   row = b * math.prod(spatial[1:]) * heads * n * value.shape[-1]
-  acc = _acc(value)
+  acc = acc_dtype(value)
   return _chunked(av, nbhd, [attn.astype(acc)], [value.astype(acc)], row)
 
 
@@ -236,8 +236,8 @@ def _check_heads_layout(query, kv_heads):
   if kv_heads % shards and kv_heads != 1:  # MQA splits only the group axis: fine
     raise NotImplementedError(
         f"jnat backend='xla': query heads sharded {shards} ways (mesh axes {axes}) need kv "
-        f"heads divisible by {shards} (or 1), got {kv_heads}; shard kv heads alike or use a compiled "
-        f"backend ('cpu', 'cuda'), which take kv replicated.")
+        f"heads divisible by {shards} (or 1), got {kv_heads}; shard kv heads alike or use the "
+        f"'cpu', 'cuda' or 'tiled' backend, which take kv replicated.")
 
 
 def dense_attention(query, key, value, scale: float):
@@ -245,16 +245,16 @@ def dense_attention(query, key, value, scale: float):
 
   Used for NATTEN's additional key/value tokens, merged with the windowed part by lse.
   """
-  heads, acc = query.shape[-2], _acc(query)
+  heads, acc = query.shape[-2], acc_dtype(query)
   # The few tokens are repeated per query head rather than query heads grouped per kv head:
   # no reshape of the heads axis, which may be sharded in a way a split cannot follow.
   batch_axes, heads_axes = _explicit_axes(query, (0, query.ndim - 2))
   per_head = lambda x: _reshard(
       jnp.take(x.astype(acc), jnp.arange(heads) // (heads // x.shape[-2]), axis=2),
       (batch_axes, None, heads_axes, None))
-  logits = _einsum("b...hd,bmhd->b...hm", query.astype(acc), per_head(key)) * scale
+  logits = einsum("b...hd,bmhd->b...hm", query.astype(acc), per_head(key)) * scale
   lse = jax.nn.logsumexp(logits, axis=-1)
-  out = _einsum("b...hm,bmhd->b...hd", jnp.exp(logits - lse[..., None]), per_head(value))
+  out = einsum("b...hm,bmhd->b...hd", jnp.exp(logits - lse[..., None]), per_head(value))
   return out.astype(query.dtype), lse
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jnat import reference
+from jnat.reference import acc_dtype, einsum
 from jnat._checks import Neighborhood
 
 # Queries per tile along each axis (in dilation-group coordinates), by rank.
@@ -213,7 +214,7 @@ def tile_rpb(rpb, tilings, dtype):
   r = [next(letters) for _ in range(rank)]
   u, t, w = ("".join(next(letters) for _ in range(rank)) for _ in range(3))
   operands = [f"h{''.join(r)}"] + [f"{u[a]}{t[a]}{w[a]}{r[a]}" for a in range(rank)]
-  spread = functools.partial(jnp.einsum, ",".join(operands) + f"->{u}h{t}{w}")
+  spread = functools.partial(einsum, ",".join(operands) + f"->{u}h{t}{w}")
   # One-hot rows (zero where masked): the products stay matmuls, in both directions.
   onehots = [jax.nn.one_hot(x.rpb_index, n, dtype=dtype) for x, n in zip(tilings, rpb.shape[1:])]
   # One-hot products turn -inf into NaN (0 * -inf): spread the finite values and the -inf
@@ -227,15 +228,10 @@ def tile_rpb(rpb, tilings, dtype):
 
 # --- Attention inside the tiles: custom VJP that recomputes the weights from the lse. ---
 
-def _acc(x):
-  """Accumulation dtype: float32 for half and single precision, float64 stays float64."""
-  return jnp.promote_types(x.dtype, jnp.float32)
-
-
 def _logits(q, k, mask, bias, scale):
   """q ``[U, B, H, T, D]``, k ``[U, B, H, W, D]``, mask ``[U, 1, T, W]``, bias ``[U, H, T, W]``
   or None -> masked logits ``[U, B, H, T, W]`` in the accumulation dtype."""
-  s = jnp.einsum("ubhtd,ubhwd->ubhtw", q, k, preferred_element_type=_acc(q)) * scale
+  s = einsum("ubhtd,ubhwd->ubhtw", q, k, preferred_element_type=acc_dtype(q)) * scale
   if bias is not None:
     s = s + bias[:, None]
   return jnp.where(mask[:, None], s, -jnp.inf)
@@ -247,7 +243,7 @@ def _forward_units(q, k, v, mask, bias, *, scale):
   peak = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(peak), peak, 0.0))
   total = jnp.sum(p, axis=-1, keepdims=True)
-  out = jnp.einsum("ubhtw,ubhwd->ubhtd", p.astype(v.dtype), v, preferred_element_type=_acc(q))
+  out = einsum("ubhtw,ubhwd->ubhtd", p.astype(v.dtype), v, preferred_element_type=acc_dtype(q))
   some = total > 0
   out = out / jnp.where(some, total, 1.0)
   lse = jnp.where(some, peak + jnp.log(jnp.where(some, total, 1.0)), -jnp.inf)
@@ -258,22 +254,22 @@ def _transposed_product(a, b):
   """``a^T b`` over axis -2, ``[..., T, W] x [..., T, D] -> [..., W, D]``, accumulated in
   float32 or wider. Computed as ``(b^T a)^T``: on CPU the small ``[D, W]`` result is cheaper
   to transpose than the ``[T, W]`` operand."""
-  return jnp.swapaxes(jnp.einsum("...td,...tw->...dw", b, a, preferred_element_type=_acc(a)),
+  return jnp.swapaxes(einsum("...td,...tw->...dw", b, a, preferred_element_type=acc_dtype(a)),
                       -1, -2)
 
 
 def _backward_units(q, k, v, mask, bias, out, lse, dout, dlse, *, scale):
-  acc = _acc(q)
+  acc = acc_dtype(q)
   s = _logits(q, k, mask, bias, scale)
   finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # fully masked rows: p = 0
   p = jnp.exp(s - finite_lse[..., None])
-  dp = jnp.einsum("ubhtd,ubhwd->ubhtw", dout, v, preferred_element_type=acc)
+  dp = einsum("ubhtd,ubhwd->ubhtw", dout, v, preferred_element_type=acc)
   # d lse / d s = p, so the lse cotangent joins the softmax's row term.
   delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse
   ds = p * (dp - delta[..., None])
   dv = _transposed_product(p.astype(dout.dtype), dout)
   ds_low = ds.astype(q.dtype)
-  dq = jnp.einsum("ubhtw,ubhwd->ubhtd", ds_low, k, preferred_element_type=acc) * scale
+  dq = einsum("ubhtw,ubhwd->ubhtd", ds_low, k, preferred_element_type=acc) * scale
   dk = _transposed_product(ds_low, q) * scale
   dbias = None if bias is None else jnp.sum(ds, axis=1).astype(bias.dtype)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias
@@ -344,7 +340,7 @@ def _spread_bwd(heads, kv_sharded, kv_heads, grad):
   if kv_sharded:
     return (grad.reshape(*grad.shape[:-2], kv_heads, heads // kv_heads, -1).sum(axis=-2),)
   onehot = np.arange(heads)[:, None] // (heads // kv_heads) == np.arange(kv_heads)
-  return (jnp.einsum("...hd,hk->...kd", grad, jnp.asarray(onehot, grad.dtype)),)
+  return (einsum("...hd,hk->...kd", grad, jnp.asarray(onehot, grad.dtype)),)
 
 
 spread_heads.defvjp(_spread_fwd, _spread_bwd)
@@ -358,7 +354,7 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
   units, b, heads, t, dim = q.shape
   k, v = key_blocks(key, tilings), key_blocks(value, tilings)
   chunk = _chunk_size(units, b * heads * t * k.shape[3])
-  bias = None if rpb is None else tile_rpb(rpb, tilings, _acc(query))
+  bias = None if rpb is None else tile_rpb(rpb, tilings, acc_dtype(query))
   out, lse = attend_units(q, k, v, tile_mask(tilings), bias, scale, chunk)
   return untile_queries(out, tilings), untile_queries(lse, tilings)
 
@@ -366,8 +362,8 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
 def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None, tile=None):
   """Fused neighborhood attention: ``(out, lse)``; natural-log lse in the accumulation dtype.
 
-  ``tile``: queries per tile along each axis (default ``TILE[rank]``). Matmuls run at JAX's
-  default precision for the inputs' dtype (``jax.default_matmul_precision`` sets it).
+  ``tile``: queries per tile along each axis (default ``TILE[rank]``). Matmuls run at full
+  precision (never TF32 or single-pass bfloat16 for float32 inputs), as the reference's do.
   """
   attend = functools.partial(_attend, nbhd=nbhd, scale=scale, tile=tile)
   spec = _explicit_spec(query)

@@ -166,6 +166,14 @@ def test_lowers_for_accelerators_without_custom_calls(platform, kind):
   assert "custom_call" not in text
 
 
+def test_float32_products_at_full_precision_on_gpu():
+  """GPUs run float32 matmuls as TF32 by default (~1e-3): the tiled products must not."""
+  text = jax.jit(_gradient("tiled")).trace(*_case_a(jnp.float32, rpb=True)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+  assert dots and all("precision = [HIGHEST, HIGHEST]" in line for line in dots)
+
+
 def test_temporary_memory_at_least_4x_below_xla():
   """Case (a) of the benchmark, forward+backward, from the compiled CPU programs."""
   def temp_bytes(backend):
