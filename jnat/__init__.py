@@ -1,7 +1,8 @@
 """jnat: neighborhood attention for JAX.
 
-NATTEN-exact 1D/2D/3D neighborhood attention with a pure-JAX reference backend and C++/CUDA
-kernels registered as XLA FFI custom calls.
+NATTEN-exact 1D/2D/3D neighborhood attention on four backends: C++ (CPU) and CUDA kernels
+registered as XLA FFI custom calls, a tiled pure-JAX backend for any XLA device, and the
+pure-JAX reference.
 """
 
 import importlib

@@ -111,7 +111,6 @@ class _Split:
   batch: object = None
   heads: object = None
   kv_heads_split: bool = True
-  heads_shards: int = 1
   group: int = 1  # query heads per kv head (global)
 
   def spec(self, role, has_rpb):
@@ -136,7 +135,7 @@ def _split_axes(mesh_shape, lead_spec, args, in_roles, has_rpb) -> _Split:
   if heads is None or not kv_heads:
     return _Split(batch, heads)
   kv_split = not kv_heads[0] % shards(heads)
-  return _Split(batch, heads, kv_split, shards(heads), q_heads[0] // kv_heads[0])
+  return _Split(batch, heads, kv_split, q_heads[0] // kv_heads[0])
 
 
 def _local_kv_heads(split: _Split, local_heads: int):

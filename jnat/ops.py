@@ -90,7 +90,7 @@ def _plan(backend: str | None, x, name: str) -> dict[str | None, str]:
                        f"without it (kernels compiled for: {built}).")
     if dtype not in entry.dtypes:
       raise ValueError(f"{name}.dtype={dtype} is not supported by backend={backend!r}; use one "
-                       f"of {entry.dtypes} (backend='xla' also takes float64).")
+                       f"of {entry.dtypes} (backends 'tiled' and 'xla' also take float64).")
     return {p: backend for p in entry.platforms} if entry.platforms else {None: backend}
   plan = {}
   for candidate, entry in BACKENDS.items():
@@ -99,7 +99,7 @@ def _plan(backend: str | None, x, name: str) -> dict[str | None, str]:
         plan.setdefault(platform, candidate)
   if None not in plan:
     raise ValueError(f"{name}.dtype={dtype} is not supported; use one of "
-                     f"{_checks.SUPPORTED_DTYPES} (or float64 with backend='xla').")
+                     f"{_checks.SUPPORTED_DTYPES} or float64.")
   return plan
 
 

@@ -22,7 +22,10 @@ def has_gpu() -> bool:
 
 def pytest_report_header(config):
   import jnat
-  info = jnat.cpu_info()
+  try:
+    info = jnat.cpu_info()
+  except (ImportError, RuntimeError, ValueError) as e:  # no CPU module, or a bad JNAT_CPU_ISA
+    return f"jnat cpu kernels: unavailable ({e})"
   return (f"jnat cpu kernels: {info['isa']} path on {info['model']} "
           f"(supported: {', '.join(info['supported'])}; JNAT_CPU_ISA selects one)")
 

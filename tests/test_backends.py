@@ -82,7 +82,8 @@ def test_buckets_cover_every_feature():
          is_causal=(True, False, False), heads=1, kv_heads=1, extra_tokens=1, rpb=True),
 ], ids=["1d", "2d", "3d"])
 def test_reference_gradients_float64(c):
-  """The reference's autodiff gradients against finite differences, in float64."""
+  """The reference's autodiff gradients, first and second order, against finite differences
+  in float64."""
   with jax.enable_x64(True):
     q, k, v, rpb, ak, av = random_inputs(3, 1, c["spatial"], c["heads"], c["kv_heads"], 4,
                                          jnp.float64, tuple(2 * k - 1 for k in c["kernel_size"]),
@@ -94,7 +95,7 @@ def test_reference_gradients_float64(c):
       return op(c["rank"])(q, k, v, rpb=rpb, additional_keys=ak, additional_values=av,
                            return_lse=True, backend="xla", **nbhd_args(c))
     args = (q, k, v, rpb) + ((ak, av) if ak is not None else ())
-    check_grads(f, args, order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
+    check_grads(f, args, order=2, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
