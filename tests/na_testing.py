@@ -9,6 +9,7 @@ backend and is reused by every random input drawn for it.
 
 import functools
 import json
+import os
 import pathlib
 from typing import NamedTuple
 
@@ -16,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 import jnat
 from jnat import _ffi
@@ -153,6 +156,17 @@ def _random_bucket(rng):
 # within each bucket. Seed 7 of NumPy's generator gives a pool with every feature
 # (test_backends.test_buckets_cover_every_feature).
 BUCKETS = [_random_bucket(rng) for rng in [np.random.default_rng(7)] for _ in range(32)]
+
+# Property tests: JNAT_PROPERTY_EXAMPLES random configurations (at least) over the buckets.
+EXAMPLES = int(os.environ.get("JNAT_PROPERTY_EXAMPLES", "200"))
+SETTINGS = settings(deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck))
+SEEDS, MASKS = st.integers(0, 2**16), st.integers(0, 5)
+
+
+def per_bucket(examples):
+  """Examples per bucket so that the pool holds at least ``examples`` configurations."""
+  return max(-(-examples // len(BUCKETS)), 1)
 
 
 def bucket_config(bucket, seed, mask):

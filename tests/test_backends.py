@@ -8,31 +8,17 @@ pinned to NATTEN by test_ops_golden.py and checked numerically in float64 here.
 JNAT_PROPERTY_EXAMPLES sets the number of random configurations (default 200).
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings
 from jax.test_util import check_grads
 
-from na_testing import (ALL_BACKENDS, BUCKETS, COMPILED_BACKENDS, assert_close, bucket_config,
-                        check_fused_against_reference, check_unfused_against_reference,
-                        config_inputs, fused_with_grads, grad_names, nbhd_args, op,
-                        random_inputs)
-
-EXAMPLES = int(os.environ.get("JNAT_PROPERTY_EXAMPLES", "200"))
-SETTINGS = settings(deadline=None, derandomize=True, database=None,
-                    suppress_health_check=list(HealthCheck))
-SEEDS, MASKS = st.integers(0, 2**16), st.integers(0, 5)
-
-
-def per_bucket(examples):
-  """Examples per bucket so that the pool holds at least ``examples`` configurations."""
-  return max(-(-examples // len(BUCKETS)), 1)
-
+from na_testing import (ALL_BACKENDS, BUCKETS, COMPILED_BACKENDS, EXAMPLES, MASKS, SEEDS,
+                        SETTINGS, assert_close, bucket_config, check_fused_against_reference,
+                        check_unfused_against_reference, config_inputs, fused_with_grads,
+                        grad_names, nbhd_args, op, per_bucket, random_inputs)
 
 @pytest.mark.skipif(not COMPILED_BACKENDS, reason="no compiled kernels in this build")
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)

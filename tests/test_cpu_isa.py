@@ -21,7 +21,7 @@ from na_testing import (BUCKETS, COMPILED_BACKENDS, GOLDEN, WEIGHT_CASES, bucket
                         check_fused_against_natten, check_fused_against_reference,
                         check_unfused_against_natten, check_unfused_against_reference,
                         random_inputs)
-from test_backends import EXAMPLES, MASKS, SEEDS, SETTINGS
+from na_testing import EXAMPLES, MASKS, SEEDS, SETTINGS
 
 pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS, reason="no CPU kernels built")
 

@@ -23,7 +23,7 @@ from na_testing import (BUCKETS, FWD_VALIDATION_CASES, GOLDEN, WEIGHT_CASES, ass
                         bucket_config, check_fused_against_natten, check_fused_against_reference,
                         check_unfused_against_natten, check_unfused_against_reference,
                         config_inputs, fused_with_grads, nbhd_args, random_inputs)
-from test_backends import EXAMPLES, MASKS, SEEDS, SETTINGS, per_bucket
+from na_testing import EXAMPLES, MASKS, SEEDS, SETTINGS, per_bucket
 
 TARGETS = ("jnat_na_fwd", "jnat_na_bwd", "jnat_na_qk", "jnat_na_qk_bwd", "jnat_na_av",
            "jnat_na_av_bwd")

@@ -23,7 +23,7 @@ from jax.test_util import check_grads
 from jnat import _checks, reference, tiled
 from na_testing import (BUCKETS, bucket_config, check_fused_against_reference, nbhd_args, op,
                         random_inputs, rel_err)
-from test_backends import EXAMPLES, MASKS, SEEDS, SETTINGS, per_bucket
+from na_testing import EXAMPLES, MASKS, SEEDS, SETTINGS, per_bucket
 
 
 # --- The tile tables against the reference's windows. ---
