@@ -54,9 +54,10 @@ def main(argv):
   # Our progress messages at INFO; the libraries' (orbax, TFDS) only from WARNING up.
   logging.set_verbosity(logging.WARNING)
   pylogging.getLogger("jnat").setLevel(pylogging.INFO)
-  # Hide accelerators from TensorFlow before anything initialises it.
-  from jnat.data import pipeline  # pylint: disable=import-outside-toplevel
-  pipeline.hide_gpus_from_tensorflow()
+  if not _BENCH.value:  # --bench makes its batches on the device: no TensorFlow there
+    # Hide accelerators from TensorFlow before anything initialises it.
+    from jnat.data import pipeline  # pylint: disable=import-outside-toplevel
+    pipeline.hide_gpus_from_tensorflow()
 
   import jax  # pylint: disable=import-outside-toplevel
   if _MULTIHOST.value:

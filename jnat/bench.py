@@ -91,8 +91,10 @@ GPU_CASES = tuple(
          dtype="bfloat16"),
 )
 
-# The xla reference gathers every window: beyond this it would take minutes per call.
-XLA_MAX_GATHERED_BYTES = 64 << 30
+# The pure-JAX backends gather windows (xla every query's, tiled every tile's halo): beyond
+# this they would take minutes per call or exhaust the device.
+PURE_JAX_BACKENDS = ("tiled", "xla")
+PURE_JAX_MAX_GATHERED_BYTES = 64 << 30
 # Dense attention on CPU materialises B·H·N² logits: beyond this it would exhaust the host.
 CPU_DENSE_MAX_LOGITS_BYTES = 4 << 30
 
@@ -188,8 +190,12 @@ def _natten_timings(case: Case, repeats: int):
   return timed(fwd), timed(bwd), timed(both)
 
 
-def run(suite: str, repeats: int, log=print, only=None):
-  """Times every implementation on every case of `suite` (or just the `only` named ones)."""
+def run(suite: str, repeats: int, log=print, only=None, save=None):
+  """Times every implementation on every case of `suite` (or just the `only` named ones).
+
+  `save`, when given, receives the results so far after every row: a run stopped early
+  (a time limit on a borrowed GPU, say) still leaves what it measured.
+  """
   platform = "gpu" if suite == "gpu" else "cpu"
   cases = GPU_CASES if suite == "gpu" else CPU_CASES
   peaks = {}
@@ -202,16 +208,19 @@ def run(suite: str, repeats: int, log=print, only=None):
   cpu = cpu_info() if "cpu" in jnat.available_backends("cpu") else None
   if cpu:
     log(f"cpu: {cpu['model']}, jnat cpu kernels: {cpu['isa']} (supported: {cpu['supported']})")
-  compiled = [b for b in jnat.available_backends(platform) if b != "xla"]
+  kernels = [b for b in jnat.available_backends(platform) if b not in PURE_JAX_BACKENDS]
   rows = []
+  result = dict(date=datetime.date.today().isoformat(), suite=suite,
+                device=jax.devices(platform)[0].device_kind, machine=platform_module.machine(),
+                cores=os.cpu_count(), jax=jax.__version__, cpu_model=cpu and cpu["model"],
+                cpu_isa=cpu and cpu["isa"], repeats=repeats, peaks=peaks, rows=rows)
   for case in cases:
     q, k, v, rpb, dout = _inputs(case)
     args = (q, k, v, rpb) if case.rpb else (q, k, v)
+    backends = kernels + [b for b in PURE_JAX_BACKENDS
+                          if case.gathered_bytes <= PURE_JAX_MAX_GATHERED_BYTES]
     impls = [(f"jnat {b}", lambda b=b: _timings(_jnat_forward(case, b), args, dout, repeats))
-             for b in compiled]
-    if case.gathered_bytes <= XLA_MAX_GATHERED_BYTES:
-      impls.append(("jnat xla", lambda: _timings(_jnat_forward(case, "xla"), args, dout,
-                                                 repeats)))
+             for b in backends]
     if platform == "gpu" or case.dense_logits_bytes <= CPU_DENSE_MAX_LOGITS_BYTES:
       impls.append(("dense " + ("cudnn" if platform == "gpu" else "xla"),
                     lambda: _timings(_dense_forward(platform), (q, k, v), dout, repeats)))
@@ -237,11 +246,9 @@ def run(suite: str, repeats: int, log=print, only=None):
       rows.append(row)
       log(f"{case.name:<44} {name:<14} fwd {fwd_ms:9.3f} ms  bwd {bwd_ms:9.3f} ms  "
           f"fwd+bwd {both_ms:9.3f} ms  fwd {row['fwd_tflops']:8.3f} TFLOP/s")
-  device = jax.devices(platform)[0].device_kind
-  return dict(date=datetime.date.today().isoformat(), suite=suite, device=device,
-              machine=platform_module.machine(), cores=os.cpu_count(), jax=jax.__version__,
-              cpu_model=cpu and cpu["model"], cpu_isa=cpu and cpu["isa"],
-              repeats=repeats, peaks=peaks, rows=rows)
+      if save:
+        save(result)
+  return result
 
 
 def markdown(result) -> str:
@@ -285,14 +292,17 @@ def main(argv=None):
   parser.add_argument("--only", action="append", metavar="IMPL",
                       help='time only this implementation (repeatable), e.g. "jnat cpu"')
   args = parser.parse_args(argv)
-  result = run(args.suite, args.repeats, only=args.only)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  table = markdown(result)
-  with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
-    f.write(table + "\n")
+
+  def save(result):
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+    with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
+      f.write(markdown(result) + "\n")
+
+  result = run(args.suite, args.repeats, only=args.only, save=save)
+  save(result)
   print()
-  print(table)
+  print(markdown(result))
 
 
 if __name__ == "__main__":
