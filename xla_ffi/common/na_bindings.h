@@ -3,9 +3,8 @@
 // jnat lowers an op to the same custom call whatever the platform, so the CPU and CUDA
 // handlers must decode the same operands, results and attributes. Each op's list lives here
 // once: a backend starts from ffi::Ffi::Bind(), adds its own context (the CUDA handlers take
-// their stream and, for an rpb gradient, the scratch allocator), and passes that binding to
-// the op's function, which appends the rest. The Dispatch function's parameters follow the
-// same order.
+// their stream), and passes that binding to the op's function, which appends the rest. The
+// Dispatch function's parameters follow the same order.
 #pragma once
 
 #include <utility>

@@ -5,7 +5,8 @@
 // ffi::Error::Internal; then the handler symbol, binding the context and then the op's buffers
 // and attributes (common/na_bindings.h).
 // Handlers that never allocate are command-buffer compatible; the two with an rpb gradient
-// take workspace from XLA's scratch allocator.
+// take stream-ordered workspace (cudaMallocAsync): XLA's FFI scratch allocator gave none
+// under jax 0.11 on an H200 (every request failed, 88 bytes included).
 #include <cuda_runtime.h>
 
 #include <cstdlib>
@@ -52,18 +53,26 @@ ffi::Error Launched(const char* op, cudaError_t err) {
   return ffi::Error::Internal(std::string(op) + ": CUDA error: " + cudaGetErrorString(err));
 }
 
-// Workspace for the rpb-gradient partials (nullptr when none is needed).
-ffi::Error Scratch(const char* op, ffi::ScratchAllocator& alloc, size_t bytes, void** ptr) {
+// Workspace for the rpb-gradient partials (nullptr when none is needed), allocated and
+// freed in stream order around the launch that uses it.
+ffi::Error AllocWorkspace(const char* op, cudaStream_t stream, size_t bytes, void** ptr) {
   *ptr = nullptr;
   if (bytes == 0) return ffi::Error::Success();
-  auto mem = alloc.Allocate(bytes, 256);
-  if (!mem.has_value()) {
+  const cudaError_t err = cudaMallocAsync(ptr, bytes, stream);
+  if (err != cudaSuccess) {
+    *ptr = nullptr;
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
                       std::string(op) + ": could not allocate " + std::to_string(bytes) +
-                          " bytes of workspace");
+                          " bytes of workspace: " + cudaGetErrorString(err));
   }
-  *ptr = *mem;
   return ffi::Error::Success();
+}
+
+// The launch's error, else the error of freeing its workspace.
+cudaError_t FreeWorkspace(cudaError_t launched, void* work, cudaStream_t stream) {
+  if (work == nullptr) return launched;
+  const cudaError_t freed = cudaFreeAsync(work, stream);
+  return launched != cudaSuccess ? launched : freed;
 }
 
 // JNAT_CUDA_TC_BWD=1 opts into the tensor-core backward where it applies (na_cuda.h).
@@ -88,7 +97,7 @@ ffi::Error NaFwdDispatch(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                                   stream));
 }
 
-ffi::Error NaBwdDispatch(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
+ffi::Error NaBwdDispatch(cudaStream_t stream, ffi::AnyBuffer q,
                          ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer rpb,
                          ffi::AnyBuffer dout, ffi::AnyBuffer lse, ffi::AnyBuffer delta,
                          ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
@@ -109,16 +118,14 @@ ffi::Error NaBwdDispatch(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
                                         dv->untyped_data(), stream));
   }
   void* work = nullptr;
-  JNAT_PARAMS_CHECK(Scratch("jnat_na_bwd", scratch, DrpbScratchBytes(s, p.has_rpb), &work));
-  return Launched(
-      "jnat_na_bwd",
-      LaunchNaBackward(s, DtypeCode(p.dtype), q.untyped_data(), k.untyped_data(),
-                       v.untyped_data(), p.rpb_or_null(rpb), dout.untyped_data(),
-                       static_cast<const float*>(lse.untyped_data()),
-                       static_cast<const float*>(delta.untyped_data()), p.scale,
-                       dq->untyped_data(), dk->untyped_data(), dv->untyped_data(),
-                       p.drpb_or_null(*drpb), work,
-                       stream));
+  JNAT_PARAMS_CHECK(
+      AllocWorkspace("jnat_na_bwd", stream, DrpbScratchBytes(s, p.has_rpb), &work));
+  const cudaError_t err = LaunchNaBackward(
+      s, DtypeCode(p.dtype), q.untyped_data(), k.untyped_data(), v.untyped_data(),
+      p.rpb_or_null(rpb), dout.untyped_data(), static_cast<const float*>(lse.untyped_data()),
+      static_cast<const float*>(delta.untyped_data()), p.scale, dq->untyped_data(),
+      dk->untyped_data(), dv->untyped_data(), p.drpb_or_null(*drpb), work, stream);
+  return Launched("jnat_na_bwd", FreeWorkspace(err, work, stream));
 }
 
 ffi::Error NaQKDispatch(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
@@ -132,7 +139,7 @@ ffi::Error NaQKDispatch(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                              p.rpb_or_null(rpb), attn->untyped_data(), stream));
 }
 
-ffi::Error NaQKBwdDispatch(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
+ffi::Error NaQKBwdDispatch(cudaStream_t stream, ffi::AnyBuffer q,
                            ffi::AnyBuffer k, ffi::AnyBuffer rpb, ffi::AnyBuffer dattn,
                            ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                            ffi::Result<ffi::AnyBuffer> drpb, Attr3 kernel_size, Attr3 stride,
@@ -142,14 +149,13 @@ ffi::Error NaQKBwdDispatch(cudaStream_t stream, ffi::ScratchAllocator scratch, f
                                   {kernel_size, stride, dilation, is_causal}, &p));
   const NaDims s = MakeDims(p);
   void* work = nullptr;
-  JNAT_PARAMS_CHECK(Scratch("jnat_na_qk_bwd", scratch, DrpbScratchBytes(s, p.has_rpb), &work));
-  return Launched(
-      "jnat_na_qk_bwd",
-      LaunchNaQKBackward(s, DtypeCode(p.dtype), DtypeCode(p.attn_dtype), q.untyped_data(),
-                         k.untyped_data(), dattn.untyped_data(), dq->untyped_data(),
-                         dk->untyped_data(),
-                         p.drpb_or_null(*drpb), work,
-                         stream));
+  JNAT_PARAMS_CHECK(
+      AllocWorkspace("jnat_na_qk_bwd", stream, DrpbScratchBytes(s, p.has_rpb), &work));
+  const cudaError_t err = LaunchNaQKBackward(
+      s, DtypeCode(p.dtype), DtypeCode(p.attn_dtype), q.untyped_data(), k.untyped_data(),
+      dattn.untyped_data(), dq->untyped_data(), dk->untyped_data(), p.drpb_or_null(*drpb), work,
+      stream);
+  return Launched("jnat_na_qk_bwd", FreeWorkspace(err, work, stream));
 }
 
 ffi::Error NaAVDispatch(cudaStream_t stream, ffi::AnyBuffer attn, ffi::AnyBuffer v,
@@ -184,15 +190,13 @@ using jnat::cuda::Stream;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaFwdCuda, jnat::cuda::NaFwdDispatch,
                               jnat::BindNaFwd(ffi::Ffi::Bind().Ctx<Stream>()),
                               {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JnatNaBwdCuda, jnat::cuda::NaBwdDispatch,
-    jnat::BindNaBwd(ffi::Ffi::Bind().Ctx<Stream>().Ctx<ffi::ScratchAllocator>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaBwdCuda, jnat::cuda::NaBwdDispatch,
+                              jnat::BindNaBwd(ffi::Ffi::Bind().Ctx<Stream>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaQKCuda, jnat::cuda::NaQKDispatch,
                               jnat::BindNaQK(ffi::Ffi::Bind().Ctx<Stream>()),
                               {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JnatNaQKBwdCuda, jnat::cuda::NaQKBwdDispatch,
-    jnat::BindNaQKBwd(ffi::Ffi::Bind().Ctx<Stream>().Ctx<ffi::ScratchAllocator>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaQKBwdCuda, jnat::cuda::NaQKBwdDispatch,
+                              jnat::BindNaQKBwd(ffi::Ffi::Bind().Ctx<Stream>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaAVCuda, jnat::cuda::NaAVDispatch,
                               jnat::BindNaAV(ffi::Ffi::Bind().Ctx<Stream>()),
                               {ffi::Traits::kCmdBufferCompatible});
