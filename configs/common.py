@@ -35,7 +35,7 @@ def get_config(model: str = "nat_tiny") -> ml_collections.ConfigDict:
   c.model_overrides = ml_collections.ConfigDict(
       {"drop_path_rate": config_dict.placeholder(float)})
   c.compute_dtype = "bfloat16"  # activations; parameters and optimizer stay float32
-  # Neighborhood attention backend ("xla", "cpu", "cuda"); None picks the fastest.
+  # Neighborhood attention backend ("tiled", "xla", "cpu", "cuda"); None: the platform's default.
   c.attention_backend = config_dict.placeholder(str)
 
   # Data (TFDS). data_dir None means TFDS's default (~/tensorflow_datasets).

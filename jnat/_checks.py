@@ -65,6 +65,10 @@ def per_axis(value, rank: int, name: str, kind=int) -> tuple:
   raise ValueError(f"{name}={value!r} must be an {expected} or a tuple of {rank} {expected}s.")
 
 
+# Window tables and the reference's gathers index positions along each axis with int32.
+MAX_AXIS_LENGTH = 2**31 - 1
+
+
 def make_neighborhood(rank, spatial_shape, kernel_size, stride, dilation, is_causal) -> Neighborhood:
   """Normalises per-axis arguments and checks them against the spatial shape."""
   nbhd = Neighborhood(per_axis(kernel_size, rank, "kernel_size"), per_axis(stride, rank, "stride"),
@@ -80,6 +84,9 @@ def make_neighborhood(rank, spatial_shape, kernel_size, stride, dilation, is_cau
     if not 1 <= s <= k:
       raise ValueError(f"stride={nbhd.stride}: every stride must be in [1, kernel_size] "
                        f"(axis {axis}: stride {s}, kernel_size {k}).")
+    if length > MAX_AXIS_LENGTH:
+      raise ValueError(f"spatial axis {axis} has {length} positions; jnat indexes positions with "
+                       f"int32, so each spatial axis must have at most {MAX_AXIS_LENGTH}.")
     if k * d > length:
       raise ValueError(
           f"kernel_size={nbhd.kernel_size} with dilation={nbhd.dilation} does not fit the input: "

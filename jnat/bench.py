@@ -99,9 +99,13 @@ PURE_JAX_MAX_GATHERED_BYTES = 64 << 30
 CPU_DENSE_MAX_LOGITS_BYTES = 4 << 30
 
 
-def median_ms(fn, *args, repeats: int) -> float:
+def median_ms(fn, *args, repeats: int, budget_s: float = 10.0) -> float:
+  """Median wall time of `fn(*args)` over `repeats` calls, fewer where they would exceed
+  `budget_s` (a slow implementation on a large case should not take minutes)."""
   jax.block_until_ready(fn(*args))  # compile
+  start = time.perf_counter()
   jax.block_until_ready(fn(*args))  # warm caches
+  repeats = max(1, min(repeats, int(budget_s / (time.perf_counter() - start))))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -264,7 +268,7 @@ def markdown(result) -> str:
               if result.get("cpu_isa") else "")
   lines = [f"{result['date']}, {result['device']} ({result['machine']}, {result['cores']} "
            f"cores{cpu_text}), jax {result['jax']}; peaks from the same run: {peak_text}; medians of "
-           f"{result['repeats']}.", ""]
+           f"{result['repeats']} calls (fewer where they would take over 10 s).", ""]
   header = ["case", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", f"fwd {unit}",
             "fwd % of matmul", f"bwd {unit}", "fwd+bwd × vs dense"]
   if gpu:

@@ -146,7 +146,8 @@ class NeighborhoodAttention(nn.Module):
     kernel_init: initializer of the projection kernels.
     bias_init: initializer of the projection biases.
     rpb_init: initializer of ``rpb``.
-    backend: op backend (``"xla"``, ``"cpu"``, ``"cuda"``); None picks the fastest.
+    backend: op backend (``"tiled"``, ``"xla"``, ``"cpu"``, ``"cuda"``); None: the platform's
+      default.
 
   Example:
     >>> import jax, jax.numpy as jnp

@@ -29,7 +29,7 @@ class NeighborhoodAttention(nnx.Module):
     num_heads: number of attention heads; must divide ``in_features``.
     kernel_size: window size, one per spatial axis (this sets the rank); an int works
       for every rank only without ``rel_pos_bias``, whose shape depends on the rank.
-    backend: op backend; None picks the fastest.
+    backend: op backend; None: the platform's default (see `jnat.na2d`).
     rngs: ``nnx.Rngs`` with a ``params`` stream (and ``dropout`` for training).
 
   Example:

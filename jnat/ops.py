@@ -43,12 +43,16 @@ class Backend:
   platforms: tuple[str, ...] | None  # lowering platforms it runs on; None: every platform
   built: Callable[[], bool] = lambda: True  # whether this installation has it
   dtypes: tuple[str, ...] = _checks.SUPPORTED_DTYPES
+  default: bool = True  # whether backend=None may pick it
 
 
-# The backend registry, fastest first: `backend=None` takes, for each platform, the first
-# entry that runs there, is built and supports the dtype. Adding a backend is one entry.
+# The backend registry: `backend=None` takes, for each platform, the first default entry that
+# runs there, is built and supports the dtype. Adding a backend is one entry.
 BACKENDS = {
-    "cuda": Backend("jnat._ffi", ("cuda",), _compiled("cuda")),
+    # Opt-in until it passes every GPU test and its backward beats "tiled": on its first GPU
+    # run (H200, 2026-11-28, BENCHMARKS.md) 7 of 157 GPU tests failed and forward+backward
+    # on NAT-Tiny's first stage took 49.8 ms against tiled's 6.3 ms.
+    "cuda": Backend("jnat._ffi", ("cuda",), _compiled("cuda"), default=False),
     "cpu": Backend("jnat._ffi", ("cpu",), _compiled("cpu")),
     "tiled": Backend("jnat.tiled", None, dtypes=_checks.SUPPORTED_DTYPES + ("float64",)),
     "xla": Backend("jnat.reference", None, dtypes=_checks.SUPPORTED_DTYPES + ("float64",)),
@@ -65,7 +69,7 @@ def _runs_on(backend: Backend, platform: str) -> bool:
 
 
 def available_backends(platform: str | None = None) -> tuple[str, ...]:
-  """Backends usable on `platform` (default: JAX's default), fastest first.
+  """Backends usable on `platform` (default: JAX's default), in registry order.
 
   Example:
     >>> "xla" in jnat.available_backends()
@@ -80,7 +84,7 @@ def _plan(backend: str | None, x, name: str) -> dict[str | None, str]:
   dtype = np.dtype(x.dtype).name
   if backend is not None:
     if backend not in BACKENDS:
-      raise ValueError(f"backend={backend!r} is unknown; use None (fastest available) or one "
+      raise ValueError(f"backend={backend!r} is unknown; use None (the platform's default) or one "
                        f"of {tuple(BACKENDS)}.")
     entry = BACKENDS[backend]
     if not entry.built():
@@ -94,7 +98,7 @@ def _plan(backend: str | None, x, name: str) -> dict[str | None, str]:
     return {p: backend for p in entry.platforms} if entry.platforms else {None: backend}
   plan = {}
   for candidate, entry in BACKENDS.items():
-    if dtype in entry.dtypes and entry.built():
+    if entry.default and dtype in entry.dtypes and entry.built():
       for platform in entry.platforms or (None,):
         plan.setdefault(platform, candidate)
   if None not in plan:
@@ -217,8 +221,8 @@ Args:
     every query also attends to (merged through the log-sum-exp; no rpb, never masked).
   return_lse: also return the natural-log logsumexp of the logits ``[batch, {spatial}, heads]``
     (float32).
-  backend: ``None`` (per platform the fastest available: "cuda" on CUDA GPUs, "cpu" on
-    CPUs, "tiled" elsewhere or for float64), ``"tiled"``, ``"xla"``, ``"cpu"`` or
+  backend: ``None`` (per platform: "cpu" on CPUs, "tiled" elsewhere and for float64;
+    "cuda" is opt-in while it is being validated), ``"tiled"``, ``"xla"``, ``"cpu"`` or
     ``"cuda"``. The choice follows the platform the computation is lowered for.
 
 Returns:

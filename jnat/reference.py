@@ -17,6 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jnat._checks import Neighborhood
 
@@ -92,15 +93,13 @@ def _gather_windows(x, keys):
 
 
 def _logits(query, key, tables, rpb, scale):
-  """Window logits ``[B, *spatial, H, prod(K)]`` in the inputs' dtype, -inf at masked slots."""
+  """Window logits ``[B, *spatial, H, prod(K)]`` in the inputs' dtype, -inf at masked slots.
+
+  ``key`` has the query's heads (GQA/MQA inputs are spread first: ``spread_heads``)."""
   keys, valid, rpb_index = tables
   b, *spatial, heads, dim = query.shape
-  kv_heads = key.shape[-2]
-  _check_heads_layout(query, kv_heads)
-  q = query.reshape(b, *spatial, kv_heads, heads // kv_heads, dim)
-  k_win = _gather_windows(key, keys).reshape(b, *spatial, -1, kv_heads, dim)
-  logits = einsum("b...hgd,b...nhd->b...hgn", q, k_win)
-  logits = logits.reshape(b, *spatial, heads, -1) * scale
+  k_win = _gather_windows(key, keys).reshape(b, *spatial, -1, heads, dim)
+  logits = einsum("b...hd,b...nhd->b...hn", query, k_win) * scale
   if rpb is not None:
     bias = rpb.astype(logits.dtype)[(slice(None),) + tuple(rpb_index)]
     logits = logits + jnp.moveaxis(bias.reshape(heads, *spatial, -1), 0, -2)
@@ -108,15 +107,13 @@ def _logits(query, key, tables, rpb, scale):
 
 
 def _apply_weights(weights, value, tables):
-  """Σ_slots weights · value over each window; weights ``[B, *spatial, H, prod(K)]``."""
+  """Σ_slots weights · value over each window; weights ``[B, *spatial, H, prod(K)]``, value
+  with the same heads."""
   keys, valid, _ = tables
   b, *spatial, heads, n = weights.shape
-  kv_heads, dim = value.shape[-2:]
   weights = jnp.where(valid.reshape(*spatial, 1, n), weights, 0.0)
-  v_win = _gather_windows(value, keys).reshape(b, *spatial, n, kv_heads, dim)
-  w = weights.reshape(b, *spatial, kv_heads, heads // kv_heads, n)
-  out = einsum("b...hgn,b...nhd->b...hgd", w, v_win)
-  return out.reshape(b, *spatial, heads, dim)
+  v_win = _gather_windows(value, keys).reshape(b, *spatial, n, heads, value.shape[-1])
+  return einsum("b...hn,b...nhd->b...hd", weights, v_win)
 
 
 def _chunked(fn, nbhd: Neighborhood, per_query, shared, elements_per_row):
@@ -181,21 +178,28 @@ def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None):
     out = _apply_weights(_softmax_weights(logits, lse), value, tables)
     return out.astype(query.dtype), lse
 
-  row = b * math.prod(spatial[1:]) * heads * nbhd.window_size * dim * 2
-  return _chunked(attend, nbhd, [query.astype(acc)], [key.astype(acc), value.astype(acc), rpb],
-                  row)
+  def run(query, key, value, rpb, kv_sharded):
+    key, value = (spread_heads(x.astype(acc), heads, kv_sharded) for x in (key, value))
+    row = b * math.prod(spatial[1:]) * heads * nbhd.window_size * dim * 2
+    return _chunked(attend, nbhd, [query.astype(acc)], [key, value, rpb], row)
+
+  return per_head_layout(run, query, key, lambda spec: (P(*spec), P(*spec[:-1])))(query, key, value, rpb)
 
 
 def na_qk(query, key, nbhd: Neighborhood, rpb=None):
   """Unfused ``query · key`` over each window (+ rpb), -inf at masked slots, in query dtype."""
   b, *spatial, heads, dim = query.shape
+  acc = acc_dtype(query)
 
   def qk(tables, q, key, rpb):
     return _logits(q, key, tables, rpb, 1.0).astype(query.dtype)
 
-  row = b * math.prod(spatial[1:]) * heads * nbhd.window_size * dim
-  acc = acc_dtype(query)
-  return _chunked(qk, nbhd, [query.astype(acc)], [key.astype(acc), rpb], row)
+  def run(query, key, rpb, kv_sharded):
+    row = b * math.prod(spatial[1:]) * heads * nbhd.window_size * dim
+    key = spread_heads(key.astype(acc), heads, kv_sharded)
+    return _chunked(qk, nbhd, [query.astype(acc)], [key, rpb], row)
+
+  return per_head_layout(run, query, key, lambda spec: P(*spec[:-1], None))(query, key, rpb)
 
 
 def na_av(attn, value, nbhd: Neighborhood):
@@ -205,9 +209,13 @@ def na_av(attn, value, nbhd: Neighborhood):
   def av(tables, attn, value_acc):
     return _apply_weights(attn, value_acc, tables).astype(value.dtype)
 
-  row = b * math.prod(spatial[1:]) * heads * n * value.shape[-1]
-  acc = acc_dtype(value)
-  return _chunked(av, nbhd, [attn.astype(acc)], [value.astype(acc)], row)
+  def run(attn, value, kv_sharded):
+    row = b * math.prod(spatial[1:]) * heads * n * value.shape[-1]
+    acc = acc_dtype(value)
+    value = spread_heads(value.astype(acc), heads, kv_sharded)
+    return _chunked(av, nbhd, [attn.astype(acc)], [value], row)
+
+  return per_head_layout(run, attn, value, lambda spec: P(*spec[:-1], None))(attn, value)
 
 
 def _explicit_axes(x, dims):
@@ -226,18 +234,62 @@ def _reshard(x, spec):
   return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec))
 
 
-def _check_heads_layout(query, kv_heads):
-  """The query heads must split over kv heads as their Explicit sharding allows."""
-  (axes,) = _explicit_axes(query, (query.ndim - 2,))
-  if axes is None:
-    return
-  mesh = jax.typeof(query).sharding.mesh
-  shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-  if kv_heads % shards and kv_heads != 1:  # MQA splits only the group axis: fine
-    raise NotImplementedError(
-        f"jnat backend='xla': query heads sharded {shards} ways (mesh axes {axes}) need kv "
-        f"heads divisible by {shards} (or 1), got {kv_heads}; shard kv heads alike or use the "
-        f"'cpu', 'cuda' or 'tiled' backend, which take kv replicated.")
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def spread_heads(x, heads, kv_sharded):
+  """GQA/MQA: ``[..., kv_heads, D]`` -> ``[..., heads, D]``, each kv head repeated for its group.
+
+  Every product then runs per query head, a layout any head sharding of the query can follow
+  (grouping the query heads per kv head cannot split 6 heads over 2 shards without a gather).
+  The heads axis may be sharded as the query's is, with kv sharded alike (``kv_sharded``,
+  known with Explicit mesh axes) or replicated. A repeat is a broadcast that a partitioner
+  follows either way. Its transpose, a sum over each group, splits the heads axis: fine when
+  kv is sharded alike, but over replicated kv only an all-gather could follow that, so there
+  it is a one-hot contraction over the heads instead (partial sums and an all-reduce).
+  """
+  if x.shape[-2] == heads:
+    return x
+  return jnp.repeat(x, heads // x.shape[-2], axis=-2)
+
+
+def _spread_fwd(x, heads, kv_sharded):
+  return spread_heads(x, heads, kv_sharded), x.shape[-2]
+
+
+def _spread_bwd(heads, kv_sharded, kv_heads, grad):
+  if kv_heads == heads:
+    return (grad,)
+  if kv_sharded:
+    return (grad.reshape(*grad.shape[:-2], kv_heads, heads // kv_heads, -1).sum(axis=-2),)
+  onehot = np.arange(heads)[:, None] // (heads // kv_heads) == np.arange(kv_heads)
+  return (einsum("...hd,hk->...kd", grad, jnp.asarray(onehot, grad.dtype)),)
+
+
+spread_heads.defvjp(_spread_fwd, _spread_bwd)
+
+
+def explicit_spec(x):
+  """``x``'s partition spec, one entry per axis, if it is sharded over Explicit mesh axes."""
+  sharding = jax.typeof(x).sharding
+  if sharding.mesh.empty or jax.sharding.AxisType.Explicit not in sharding.mesh.axis_types:
+    return None
+  return tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+
+
+def per_head_layout(fn, x, kv, out_specs):
+  """``fn(*args, kv_sharded)`` for a query-side input ``x`` and key/value-side input ``kv``.
+
+  On Explicit meshes it runs inside ``auto_axes`` (the window and tile layouts' reshapes are
+  left to the partitioner) and its results take the PartitionSpecs ``out_specs(spec of x)``;
+  ``kv_sharded`` says whether kv's heads axis is sharded, which only Explicit axes tell at
+  trace time (elsewhere it is False, and spread_heads' transpose reduces over all heads).
+  """
+  spec = explicit_spec(x)
+  if spec is None:
+    return lambda *args: fn(*args, kv_sharded=False)
+  kv_spec = explicit_spec(kv)
+  kv_sharded = kv_spec is not None and kv_spec[-2] is not None
+  return jax.sharding.auto_axes(functools.partial(fn, kv_sharded=kv_sharded),
+                                out_sharding=out_specs(spec))
 
 
 def dense_attention(query, key, value, scale: float):

@@ -23,9 +23,10 @@ import string
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jnat import reference
-from jnat.reference import acc_dtype, einsum
+from jnat.reference import acc_dtype, einsum, per_head_layout, spread_heads
 from jnat._checks import Neighborhood
 
 # Queries per tile along each axis (in dilation-group coordinates), by rank.
@@ -319,37 +320,9 @@ def _chunk_size(units, unit_elements):
   return max(c for c in range(1, min(units, most) + 1) if units % c == 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def spread_heads(x, heads, kv_sharded):
-  """GQA/MQA: ``[..., kv_heads, D]`` -> ``[..., heads, D]``, each kv head repeated for its group.
-
-  The heads axis may be sharded as the query's is, with kv sharded alike (``kv_sharded``, known
-  with Explicit mesh axes) or replicated. A repeat is a broadcast that a partitioner follows
-  either way. Its transpose, a sum over each group, splits the heads axis: fine when kv is
-  sharded alike, but over replicated kv only an all-gather could follow that, so there it is
-  a one-hot contraction over the heads instead (partial sums and an all-reduce).
-  """
-  return jnp.repeat(x, heads // x.shape[-2], axis=-2)
-
-
-def _spread_fwd(x, heads, kv_sharded):
-  return spread_heads(x, heads, kv_sharded), x.shape[-2]
-
-
-def _spread_bwd(heads, kv_sharded, kv_heads, grad):
-  if kv_sharded:
-    return (grad.reshape(*grad.shape[:-2], kv_heads, heads // kv_heads, -1).sum(axis=-2),)
-  onehot = np.arange(heads)[:, None] // (heads // kv_heads) == np.arange(kv_heads)
-  return (einsum("...hd,hk->...kd", grad, jnp.asarray(onehot, grad.dtype)),)
-
-
-spread_heads.defvjp(_spread_fwd, _spread_bwd)
-
-
 def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
   tilings = tiling(tuple(query.shape[1:1 + nbhd.rank]), nbhd, tile)
-  if query.shape[-2] != key.shape[-2]:
-    key, value = (spread_heads(x, query.shape[-2], kv_sharded) for x in (key, value))
+  key, value = (spread_heads(x, query.shape[-2], kv_sharded) for x in (key, value))
   q = query_tiles(query, tilings)
   units, b, heads, t, dim = q.shape
   k, v = key_blocks(key, tilings), key_blocks(value, tilings)
@@ -366,23 +339,8 @@ def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None, ti
   precision (never TF32 or single-pass bfloat16 for float32 inputs), as the reference's do.
   """
   attend = functools.partial(_attend, nbhd=nbhd, scale=scale, tile=tile)
-  spec = _explicit_spec(query)
-  if spec is None:
-    return attend(query, key, value, rpb, kv_sharded=False)
-  # Explicit mesh axes: the tile layout's reshapes are left to the partitioner, and the
-  # results keep the query's sharding (lse without head_dim).
-  kv_spec = _explicit_spec(key)
-  attend = functools.partial(attend, kv_sharded=kv_spec is not None and kv_spec[-2] is not None)
-  out_sharding = (jax.sharding.PartitionSpec(*spec), jax.sharding.PartitionSpec(*spec[:-1]))
-  return jax.sharding.auto_axes(attend, out_sharding=out_sharding)(query, key, value, rpb)
-
-
-def _explicit_spec(x):
-  """``x``'s partition spec, one entry per axis, if it is sharded over Explicit mesh axes."""
-  sharding = jax.typeof(x).sharding
-  if sharding.mesh.empty or jax.sharding.AxisType.Explicit not in sharding.mesh.axis_types:
-    return None
-  return tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  out_specs = lambda spec: (P(*spec), P(*spec[:-1]))  # lse: no head_dim
+  return per_head_layout(attend, query, key, out_specs)(query, key, value, rpb)
 
 
 # The unfused halves return per-window tensors, which is the reference's layout already.

@@ -142,6 +142,13 @@ def test_reference_tables_do_not_grow_with_the_input():
   assert peak < 64 << 20, peak
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_axes_beyond_int32_are_rejected_before_tracing_kernels(backend):
+  q = jax.ShapeDtypeStruct((1, 2**31, 1, 1), jnp.float32)
+  with pytest.raises(ValueError, match=r"spatial axis 0 has 2147483648 positions.*int32"):
+    jax.eval_shape(lambda q: op(1)(q, q, q, kernel_size=3, backend=backend), q)
+
+
 def test_reference_bfloat16_gradients_accumulate_in_float32():
   """Many windows overlap each key: dk/dv summed in bfloat16 lose ~3x more than the
   kernels' float32 accumulation. Compared with float32 on the same rounded inputs."""

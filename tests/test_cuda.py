@@ -171,10 +171,13 @@ def test_cuda_backward_is_deterministic(dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_default_backend_on_gpu():
-  assert jnat.available_backends("gpu")[0] == "cuda"
+def test_cuda_is_opt_in_on_gpu():
+  assert "cuda" in jnat.available_backends("gpu")
   q = jnp.ones((1, 9, 8, 2, 16), jnp.bfloat16)
-  np.testing.assert_allclose(np.asarray(jnat.na2d(q, q, q, kernel_size=3), np.float32), 1.0)
+  hlo = jax.jit(lambda q: jnat.na2d(q, q, q, kernel_size=3)).lower(q).as_text()
+  assert "jnat_na_fwd" not in hlo
+  out = jnat.na2d(q, q, q, kernel_size=3, backend="cuda")
+  np.testing.assert_allclose(np.asarray(out, np.float32), 1.0)
 
 
 @pytest.mark.gpu

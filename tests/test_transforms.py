@@ -145,7 +145,7 @@ def test_backend_follows_the_lowering_platform():
   fn = lambda q, k, v: jnat.na2d(q, k, v, **KW)
   for platform in ("cpu", "cuda", "rocm", "tpu"):
     hlo = _lowered(fn, platform, q, k, v)
-    kernel = platform in _ffi.compiled_platforms()
+    kernel = platform == "cpu" and "cpu" in _ffi.compiled_platforms()  # "cuda" is opt-in
     assert ("custom_call @jnat_na_fwd(" in hlo) == kernel, platform
 
 
