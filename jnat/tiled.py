@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import string
 
 import jax
 import jax.numpy as jnp
@@ -207,24 +206,27 @@ def tile_mask(tilings):
   return visible.reshape(units, 1, tile, halo)
 
 
-def tile_rpb(rpb, tilings, dtype):
-  """``[units, H, T, W]``: the rpb entry of every (tile query, block key) pair (0 where the
-  key is not in the query's window; the mask drops those)."""
-  rank = len(tilings)
-  letters = iter(string.ascii_letters.replace("h", ""))
-  r = [next(letters) for _ in range(rank)]
-  u, t, w = ("".join(next(letters) for _ in range(rank)) for _ in range(3))
-  operands = [f"h{''.join(r)}"] + [f"{u[a]}{t[a]}{w[a]}{r[a]}" for a in range(rank)]
-  spread = functools.partial(einsum, ",".join(operands) + f"->{u}h{t}{w}")
-  # One-hot rows (zero where masked): the products stay matmuls, in both directions.
-  onehots = [jax.nn.one_hot(x.rpb_index, n, dtype=dtype) for x, n in zip(tilings, rpb.shape[1:])]
-  # One-hot products turn -inf into NaN (0 * -inf): spread the finite values and the -inf
-  # positions (an rpb of -inf masks its slots) separately.
-  finite = jnp.isfinite(rpb)
-  bias = spread(jnp.where(finite, rpb, 0).astype(dtype), *onehots)
-  masked = spread(jnp.where(finite, 0, 1).astype(dtype), *onehots) > 0
+def tile_rpb_index(tilings, rpb_shape):
+  """int32 ``[units, T, W]``: each (tile query, block key) pair's entry in one head's
+  flattened rpb (0 where the key is not in the query's window; the mask drops those)."""
+  strides = np.cumprod((tuple(rpb_shape[2:]) + (1,))[::-1])[::-1]  # row-major, per axis
+  parts = _per_unit([jnp.asarray(np.maximum(t.rpb_index, 0) * s, jnp.int32)
+                     for t, s in zip(tilings, strides)])
   units, tile, halo = _tile_dims(tilings)
-  return jnp.where(masked, -jnp.inf, bias).reshape(units, -1, tile, halo)
+  return functools.reduce(jnp.add, parts).reshape(units, tile, halo)
+
+
+def _unit_bias(rpb_table, index):
+  """rpb ``[R, H]`` (positions by heads) at ``index [U, T, W]`` -> ``[U, H, T, W]``. Gathered
+  per chunk of units, inside the loop: a bias materialised for all units before it ran 2-3×
+  slower on CPU. Heads last: each gathered or scattered row is H contiguous values."""
+  return jnp.moveaxis(jnp.take(rpb_table, index, axis=0), -1, 1)
+
+
+def _unit_bias_grad(dbias, index, rpb_table):
+  """Transpose of ``_unit_bias``: ``dbias [U, H, T, W]`` summed into ``[R, H]``."""
+  rows = jnp.moveaxis(dbias, 1, -1).reshape(-1, rpb_table.shape[1])
+  return jnp.zeros_like(rpb_table).at[index.reshape(-1)].add(rows)
 
 
 # --- Attention inside the tiles: custom VJP that recomputes the weights from the lse. ---
@@ -238,7 +240,8 @@ def _logits(q, k, mask, bias, scale):
   return jnp.where(mask[:, None], s, -jnp.inf)
 
 
-def _forward_units(q, k, v, mask, bias, *, scale):
+def _forward_units(carry, q, k, v, mask, rpb_index, rpb_table, *, scale):
+  bias = None if rpb_table is None else _unit_bias(rpb_table, rpb_index)
   s = _logits(q, k, mask, bias, scale)
   # A window whose every logit is -inf (an rpb of -inf) gives output 0 and lse -inf.
   peak = jnp.max(s, axis=-1, keepdims=True)
@@ -248,7 +251,7 @@ def _forward_units(q, k, v, mask, bias, *, scale):
   some = total > 0
   out = out / jnp.where(some, total, 1.0)
   lse = jnp.where(some, peak + jnp.log(jnp.where(some, total, 1.0)), -jnp.inf)
-  return out.astype(q.dtype), lse[..., 0]
+  return carry, (out.astype(q.dtype), lse[..., 0])
 
 
 def _transposed_product(a, b):
@@ -259,8 +262,9 @@ def _transposed_product(a, b):
                       -1, -2)
 
 
-def _backward_units(q, k, v, mask, bias, out, lse, dout, dlse, *, scale):
+def _backward_units(drpb, q, k, v, mask, rpb_index, out, lse, dout, dlse, rpb_table, *, scale):
   acc = acc_dtype(q)
+  bias = None if rpb_table is None else _unit_bias(rpb_table, rpb_index)
   s = _logits(q, k, mask, bias, scale)
   finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # fully masked rows: p = 0
   p = jnp.exp(s - finite_lse[..., None])
@@ -272,40 +276,50 @@ def _backward_units(q, k, v, mask, bias, out, lse, dout, dlse, *, scale):
   ds_low = ds.astype(q.dtype)
   dq = einsum("ubhtw,ubhwd->ubhtd", ds_low, k, preferred_element_type=acc) * scale
   dk = _transposed_product(ds_low, q) * scale
-  dbias = None if bias is None else jnp.sum(ds, axis=1).astype(bias.dtype)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias
+  if rpb_table is not None:
+    drpb = drpb + _unit_bias_grad(jnp.sum(ds, axis=1), rpb_index, rpb_table)
+  return drpb, (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
 
 
-def _map_units(fn, chunk, *arrays):
-  """``fn`` over chunks of ``chunk`` units (axis 0 of every array; ``chunk`` divides them),
-  one chunk at a time, so that the per-tile intermediates stay small; outputs re-joined."""
-  units = arrays[0].shape[0]
+def _scan_units(fn, chunk, per_unit, shared=(), carry=None):
+  """``fn(carry, *per_unit_chunk, *shared) -> (carry, outputs)`` over chunks of ``chunk``
+  units (axis 0 of every ``per_unit`` array; ``chunk`` divides them), one chunk at a time so
+  that the per-tile intermediates stay small: per-unit outputs re-joined, the carry threaded
+  through the chunks."""
+  units = per_unit[0].shape[0]
   if chunk >= units:
-    return fn(*arrays)
+    return fn(carry, *per_unit, *shared)
   split = lambda x: None if x is None else x.reshape(units // chunk, chunk, *x.shape[1:])
-  outs = jax.lax.map(lambda xs: fn(*xs), [split(x) for x in arrays])
-  return jax.tree.map(lambda y: y.reshape(units, *y.shape[2:]), outs)
+  carry, outs = jax.lax.scan(lambda c, xs: fn(c, *xs, *shared), carry,
+                             [split(x) for x in per_unit])
+  return carry, jax.tree.map(lambda y: y.reshape(units, *y.shape[2:]), outs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def attend_units(q, k, v, mask, bias, scale, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def attend_units(q, k, v, mask, rpb_table, rpb_index, scale, chunk):
   """Softmax attention of every tile's queries over its block: ``(out, lse)``.
 
-  q ``[U, B, H, T, D]``; k, v ``[U, B, H, W, D]``; mask ``[U, 1, T, W]``; bias
-  ``[U, H, T, W]`` or None; out like q; lse ``[U, B, H, T]`` in the accumulation dtype.
-  Runs ``chunk`` units at a time.
+  q ``[U, B, H, T, D]``; k, v ``[U, B, H, W, D]``; mask ``[U, 1, T, W]``; rpb_table ``[R, H]``
+  (rpb with its positions flattened, heads last) and rpb_index ``[U, T, W]``
+  (``tile_rpb_index``), or both None;
+  out like q; lse ``[U, B, H, T]`` in the accumulation dtype. Runs ``chunk`` units at a time.
   """
-  return _map_units(functools.partial(_forward_units, scale=scale), chunk, q, k, v, mask, bias)
+  forward = functools.partial(_forward_units, scale=scale)
+  return _scan_units(forward, chunk, (q, k, v, mask, rpb_index), (rpb_table,))[1]
 
 
-def _attend_fwd(q, k, v, mask, bias, scale, chunk):
-  out, lse = attend_units(q, k, v, mask, bias, scale, chunk)
-  return (out, lse), (q, k, v, mask, bias, out, lse)
+def _attend_fwd(q, k, v, mask, rpb_table, rpb_index, scale, chunk):
+  out, lse = attend_units(q, k, v, mask, rpb_table, rpb_index, scale, chunk)
+  return (out, lse), (q, k, v, mask, rpb_table, rpb_index, out, lse)
 
 
 def _attend_bwd(scale, chunk, residuals, cotangents):
-  return _map_units(functools.partial(_backward_units, scale=scale), chunk, *residuals,
-                    *cotangents)
+  q, k, v, mask, rpb_table, rpb_index, out, lse = residuals
+  backward = functools.partial(_backward_units, scale=scale)
+  drpb = None if rpb_table is None else jnp.zeros_like(rpb_table)
+  drpb, (dq, dk, dv) = _scan_units(backward, chunk, (q, k, v, mask, rpb_index, out, lse,
+                                                     *cotangents), (rpb_table,), drpb)
+  return dq, dk, dv, None, drpb, None
 
 
 attend_units.defvjp(_attend_fwd, _attend_bwd)
@@ -327,8 +341,11 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
   units, b, heads, t, dim = q.shape
   k, v = key_blocks(key, tilings), key_blocks(value, tilings)
   chunk = _chunk_size(units, b * heads * t * k.shape[3])
-  bias = None if rpb is None else tile_rpb(rpb, tilings, acc_dtype(query))
-  out, lse = attend_units(q, k, v, tile_mask(tilings), bias, scale, chunk)
+  rpb_table = rpb_index = None
+  if rpb is not None:
+    rpb_table = rpb.astype(acc_dtype(query)).reshape(heads, -1).T
+    rpb_index = tile_rpb_index(tilings, rpb.shape)
+  out, lse = attend_units(q, k, v, tile_mask(tilings), rpb_table, rpb_index, scale, chunk)
   return untile_queries(out, tilings), untile_queries(lse, tilings)
 
 
