@@ -218,22 +218,6 @@ def na_av(attn, value, nbhd: Neighborhood):
   return per_head_layout(run, attn, value, lambda spec: P(*spec[:-1], None))(attn, value)
 
 
-def _explicit_axes(x, dims):
-  """The Explicit mesh axes that shard `x` along each of `dims` (None where unsharded)."""
-  sharding = jax.typeof(x).sharding
-  if sharding.mesh.empty or jax.sharding.AxisType.Explicit not in sharding.mesh.axis_types:
-    return (None,) * len(dims)
-  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-  return tuple(spec[d] for d in dims)
-
-
-def _reshard(x, spec):
-  """`x` with the given Explicit sharding (a local slice of a replicated array)."""
-  if all(a is None for a in spec):
-    return x
-  return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def spread_heads(x, heads, kv_sharded):
   """GQA/MQA: ``[..., kv_heads, D]`` -> ``[..., heads, D]``, each kv head repeated for its group.
@@ -290,6 +274,19 @@ def per_head_layout(fn, x, kv, out_specs):
   kv_sharded = kv_spec is not None and kv_spec[-2] is not None
   return jax.sharding.auto_axes(functools.partial(fn, kv_sharded=kv_sharded),
                                 out_sharding=out_specs(spec))
+
+
+def _explicit_axes(x, dims):
+  """The Explicit mesh axes that shard `x` along each of `dims` (None where unsharded)."""
+  spec = explicit_spec(x) or (None,) * x.ndim
+  return tuple(spec[d] for d in dims)
+
+
+def _reshard(x, spec):
+  """`x` with the given Explicit sharding (a local slice of a replicated array)."""
+  if all(a is None for a in spec):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec))
 
 
 def dense_attention(query, key, value, scale: float):

@@ -7,7 +7,6 @@ each device to pick its kv heads and the kv gradients summed over heads. All sho
 for every case of sharding_worker.CASES on Auto and Explicit meshes, forward and gradients.
 """
 
-import fcntl
 import json
 import os
 import pathlib
@@ -31,19 +30,11 @@ def _run_worker():
   return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-@pytest.fixture(scope="session")
-def results(tmp_path_factory):
-  """The worker's results, computed once per test session: the first pytest-xdist worker to
-  get here runs it while the others wait, then all read its file in the session's folder."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # the session's folder, shared by its workers
-  shared = root / "sharding_results.json"
-  with open(shared.with_suffix(".lock"), "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not shared.exists():
-      shared.write_text(json.dumps(_run_worker()))
-  return json.loads(shared.read_text())
+@pytest.fixture(scope="module")
+def results():
+  """The worker's results, computed once for this module (pytest-xdist runs a module's tests
+  on one worker: `--dist loadfile`)."""
+  return _run_worker()
 
 
 def test_every_case_ran(results):
