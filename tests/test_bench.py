@@ -25,3 +25,16 @@ def test_bench_times_only_the_named_implementations(monkeypatch, tmp_path):
   rows = [line for line in out.with_suffix(".md").read_text().splitlines()
           if line.startswith("| tiny")]
   assert [line.split(" | ")[1] for line in rows] == ["jnat xla"]
+
+
+def test_bench_saves_after_every_row_and_skips_pure_jax_beyond_their_limit(monkeypatch):
+  monkeypatch.setattr(bench, "CPU_CASES", (bench.Case("tiny 1D", (40,), 1, 2, 8, (5,)),
+                                           bench.Case("huge 1D", (40,), 1, 2, 8, (5,))))
+  monkeypatch.setattr(bench.Case, "gathered_bytes",
+                      property(lambda c: 0 if c.name == "tiny 1D" else 1 << 40))
+  saved = []
+  result = bench.run("cpu", 1, log=lambda *_: None, save=lambda r: saved.append(len(r["rows"])))
+  impls = [(r["case"], r["impl"]) for r in result["rows"]]
+  assert ("tiny 1D", "jnat xla") in impls and ("tiny 1D", "jnat tiled") in impls
+  assert not any(case == "huge 1D" and impl in ("jnat xla", "jnat tiled") for case, impl in impls)
+  assert saved == list(range(1, len(impls) + 1))

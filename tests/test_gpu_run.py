@@ -116,3 +116,15 @@ def test_require_gpu_turns_skips_into_failures(tmp_path):
   assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout
   required = run("1")
   assert required.returncode == 1 and "JNAT_REQUIRE_GPU=1" in required.stdout, required.stdout
+
+
+def test_deadline_skips_stages_it_cannot_fit(tmp_path):
+  """With too little of JNAT_GPU_DEADLINE left a stage is not started: it is reported as
+  skipped (and fails the run) instead of being killed half-way with nothing written."""
+  proc = subprocess.run(["bash", str(SCRIPT), "bench", "train"], capture_output=True, text=True,
+                        env={**os.environ, "OUT": str(tmp_path), "JNAT_GPU_DEADLINE": "30",
+                             "JNAT_GPU_LOGS": str(tmp_path / "logs")})
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  summary = (tmp_path / "summary.txt").read_text().split("\n")
+  assert [line.split()[:2] for line in summary if line] == [["bench", "skipped"],
+                                                            ["train", "skipped"]]
