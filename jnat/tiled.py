@@ -324,13 +324,15 @@ def _attend_bwd(scale, chunk, residuals, cotangents):
 
 attend_units.defvjp(_attend_fwd, _attend_bwd)
 
-# Logit elements per chunk of units (each a float32 or wider).
-CHUNK_ELEMENTS = 1 << 20
+# Logit elements per chunk of units (each a float32 or wider), per lowering platform. On CPU
+# a chunk that stays in cache is fastest; on an accelerator each chunk is a loop iteration
+# of many small kernels, so chunks there only bound memory (1 GiB of logits per array).
+CHUNK_ELEMENTS = {"cpu": 1 << 20, "accelerator": 1 << 28}
 
 
-def _chunk_size(units, unit_elements):
-  """The largest divisor of ``units`` that keeps a chunk within ``CHUNK_ELEMENTS``."""
-  most = max(1, CHUNK_ELEMENTS // unit_elements)
+def _chunk_size(units, unit_elements, elements):
+  """The largest divisor of ``units`` that keeps a chunk within ``elements``."""
+  most = max(1, elements // unit_elements)
   return max(c for c in range(1, min(units, most) + 1) if units % c == 0)
 
 
@@ -340,12 +342,19 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
   q = query_tiles(query, tilings)
   units, b, heads, t, dim = q.shape
   k, v = key_blocks(key, tilings), key_blocks(value, tilings)
-  chunk = _chunk_size(units, b * heads * t * k.shape[3])
   rpb_table = rpb_index = None
   if rpb is not None:
     rpb_table = rpb.astype(acc_dtype(query)).reshape(heads, -1).T
     rpb_index = tile_rpb_index(tilings, rpb.shape)
-  out, lse = attend_units(q, k, v, tile_mask(tilings), rpb_table, rpb_index, scale, chunk)
+  chunks = {p: _chunk_size(units, b * heads * t * k.shape[3], n)
+            for p, n in CHUNK_ELEMENTS.items()}
+  run = lambda chunk: lambda *args: attend_units(*args, scale, chunk)
+  args = (q, k, v, tile_mask(tilings), rpb_table, rpb_index)
+  if chunks["cpu"] == chunks["accelerator"]:
+    out, lse = run(chunks["cpu"])(*args)
+  else:
+    out, lse = jax.lax.platform_dependent(*args, cpu=run(chunks["cpu"]),
+                                          default=run(chunks["accelerator"]))
   return untile_queries(out, tilings), untile_queries(lse, tilings)
 
 

@@ -166,6 +166,15 @@ def test_lowers_for_accelerators_without_custom_calls(platform, kind):
   assert "custom_call" not in text
 
 
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
+def test_units_chunked_for_cache_on_cpu_only(platform):
+  """On CPU the tiles run in cache-sized chunks (a loop); on an accelerator each loop
+  iteration would be many small kernels, so the same problem runs as one batch there."""
+  text = jax.jit(_gradient("tiled")).trace(*_case_a(jnp.bfloat16, rpb=True)).lower(
+      lowering_platforms=(platform,)).as_text()
+  assert ("stablehlo.while" in text) == (platform == "cpu")
+
+
 def test_float32_products_at_full_precision_on_gpu():
   """GPUs run float32 matmuls as TF32 by default (~1e-3): the tiled products must not."""
   text = jax.jit(_gradient("tiled")).trace(*_case_a(jnp.float32, rpb=True)).lower(
