@@ -183,7 +183,8 @@ def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None):
     row = b * math.prod(spatial[1:]) * heads * nbhd.window_size * dim * 2
     return _chunked(attend, nbhd, [query.astype(acc)], [key, value, rpb], row)
 
-  return per_head_layout(run, query, key, lambda spec: (P(*spec), P(*spec[:-1])))(query, key, value, rpb)
+  out_specs = lambda spec: (P(*spec), P(*spec[:-1]))  # lse: no head_dim
+  return per_head_layout(run, query, key, out_specs)(query, key, value, rpb)
 
 
 def na_qk(query, key, nbhd: Neighborhood, rpb=None):
