@@ -183,8 +183,7 @@ def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None):
     row = b * math.prod(spatial[1:]) * heads * nbhd.window_size * dim * 2
     return _chunked(attend, nbhd, [query.astype(acc)], [key, value, rpb], row)
 
-  out_specs = lambda spec: (P(*spec), P(*spec[:-1]))  # lse: no head_dim
-  return per_head_layout(run, query, key, out_specs)(query, key, value, rpb)
+  return per_head_layout(run, query, key, fused_out_specs)(query, key, value, rpb)
 
 
 def na_qk(query, key, nbhd: Neighborhood, rpb=None):
@@ -258,6 +257,11 @@ def explicit_spec(x):
   if sharding.mesh.empty or jax.sharding.AxisType.Explicit not in sharding.mesh.axis_types:
     return None
   return tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+
+
+def fused_out_specs(spec):
+  """The fused op's results, ``(out, lse)``, sharded like a query of partition spec ``spec``."""
+  return P(*spec), P(*spec[:-1])  # lse: no head_dim
 
 
 def per_head_layout(fn, x, kv, out_specs):

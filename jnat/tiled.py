@@ -22,10 +22,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from jnat import reference
-from jnat.reference import acc_dtype, einsum, per_head_layout, spread_heads
+from jnat.reference import (acc_dtype, einsum, fused_out_specs, per_head_layout,
+                             spread_heads)
 from jnat._checks import Neighborhood
 
 # Queries per tile along each axis (in dilation-group coordinates), by rank.
@@ -365,8 +365,7 @@ def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None, ti
   precision (never TF32 or single-pass bfloat16 for float32 inputs), as the reference's do.
   """
   attend = functools.partial(_attend, nbhd=nbhd, scale=scale, tile=tile)
-  out_specs = lambda spec: (P(*spec), P(*spec[:-1]))  # lse: no head_dim
-  return per_head_layout(attend, query, key, out_specs)(query, key, value, rpb)
+  return per_head_layout(attend, query, key, fused_out_specs)(query, key, value, rpb)
 
 
 # The unfused halves return per-window tensors, which is the reference's layout already.
