@@ -309,8 +309,7 @@ def _fused_kernel_fwd(static, q, k, v, rpb):
 
 def _fused_kernel_bwd(static, q, k, v, rpb, out, lse, cotangents):
   dout, dlse = cotangents
-  # d lse / d logits is the softmax itself, so the lse cotangent folds into delta.
-  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - dlse
+  delta = reference.softmax_delta(dout, out, dlse)
   # exp(logit - lse) is 0 for every slot of a fully masked window when its lse is +inf.
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
   return _call("jnat_na_bwd", static, q, k, v, rpb, dout.astype(q.dtype), lse, delta)

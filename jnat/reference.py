@@ -65,6 +65,15 @@ def acc_dtype(x):
 einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
 
 
+def softmax_delta(dout, out, dlse):
+  """The softmax backward's row term ``rowsum(dout · out) - dlse`` (d lse / d logits is the
+  softmax itself, so the lse cotangent folds in), in the accumulation dtype. A dot rather
+  than ``sum(dout * out)``: XLA's CPU fusion of the latter took 20 ms where the dot takes
+  0.5 ms (1D L4096 B2 H4 D64), and slowed the kernel running after it."""
+  acc = acc_dtype(out)
+  return einsum("...d,...d->...", dout.astype(acc), out.astype(acc)) - dlse
+
+
 def _window_tables(spatial, nbhd: Neighborhood, rows=None):
   """Neighbourhood tables of a query grid, built inside the computation: O(sum of axes).
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from jnat import reference
 from jnat.reference import (acc_dtype, einsum, fused_out_specs, per_head_layout,
-                             spread_heads)
+                             softmax_delta, spread_heads)
 from jnat._checks import Neighborhood
 
 # Queries per tile along each axis (in dilation-group coordinates), by rank.
@@ -269,8 +269,7 @@ def _backward_units(drpb, q, k, v, mask, rpb_index, out, lse, dout, dlse, rpb_ta
   finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # fully masked rows: p = 0
   p = jnp.exp(s - finite_lse[..., None])
   dp = einsum("ubhtd,ubhwd->ubhtw", dout, v, preferred_element_type=acc)
-  # d lse / d s = p, so the lse cotangent joins the softmax's row term.
-  delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse
+  delta = softmax_delta(dout, out, dlse)
   ds = p * (dp - delta[..., None])
   dv = _transposed_product(p.astype(dout.dtype), dout)
   ds_low = ds.astype(q.dtype)
