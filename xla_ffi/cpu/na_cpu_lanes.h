@@ -18,6 +18,7 @@
 // structure to the unfused kernels (na_cpu_kernels.h), up to float rounding.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -126,8 +127,8 @@ struct ColumnLayout {
 // k or v of one (batch, kv head) transposed per spatial row: a [D][width] matrix per row,
 // whose columns are the row's tokens ordered by dilation group along the last axis (group g
 // from column offset(g)), then zeros, so that a vector load from any window slot stays in
-// bounds. One (batch, kv head) at a time keeps the transposed data in the cache while the
-// tiles read it.
+// bounds. One (batch, kv head) at a time, and each row only when the tiles first need it
+// (Cover), so that the transposed rows are still in the cache while the tiles read them.
 class PlaneTransposed {
  public:
   // buffer: the CallScratch slot to use.
@@ -139,13 +140,35 @@ class PlaneTransposed {
               data_ + rows_ * s.dim * width_ + ColumnLayout::slack(s), 0.0f);
   }
 
-  int64_t rows() const { return rows_; }
+  // Makes spatial rows [row_begin, row_end) of (b, hk) of x [B, tokens, Hkv, D] readable,
+  // transposing those not done since the plane last changed (rows in between included).
+  void Cover(const float* x, int64_t b, int64_t hk, int64_t row_begin, int64_t row_end) {
+    if (b != b_ || hk != hk_) {
+      b_ = b;
+      hk_ = hk;
+      lo_ = hi_ = row_begin;
+    }
+    if (row_begin < lo_) {
+      Fill(x, row_begin, lo_);
+      lo_ = row_begin;
+    }
+    if (row_end > hi_) {
+      Fill(x, hi_, row_end);
+      hi_ = row_end;
+    }
+  }
 
-  // Transposes spatial rows [row_begin, row_end) of (b, hk) of x [B, tokens, Hkv, D].
-  void Fill(const float* x, int64_t b, int64_t hk, int64_t row_begin, int64_t row_end) {
+  // Spatial row `row` (= x0 * L1 + x1): [D][width].
+  float* Row(int64_t row) const { return data_ + row * s_.dim * width_; }
+  int64_t width() const { return width_; }
+  int64_t offset(int64_t group) const { return offset_[group]; }
+
+ private:
+  // Transposes spatial rows [row_begin, row_end) of (b_, hk_).
+  void Fill(const float* x, int64_t row_begin, int64_t row_end) {
     const int64_t L2 = s_.length[2], dil = s_.dilation[2], D = s_.dim, Hkv = s_.kv_heads;
     for (int64_t row = row_begin; row < row_end; ++row) {
-      const float* src = x + ((b * s_.tokens() + row * L2) * Hkv + hk) * D;
+      const float* src = x + ((b_ * s_.tokens() + row * L2) * Hkv + hk_) * D;
       float* dst = Row(row);
       for (int64_t g = 0; g < dil; ++g) {
         const int64_t lg = GroupLength(L2, dil, g);
@@ -167,14 +190,9 @@ class PlaneTransposed {
     }
   }
 
-  // Spatial row `row` (= x0 * L1 + x1): [D][width].
-  float* Row(int64_t row) const { return data_ + row * s_.dim * width_; }
-  int64_t width() const { return width_; }
-  int64_t offset(int64_t group) const { return offset_[group]; }
-
- private:
   const NaGeometry& s_;
   int64_t rows_, width_;
+  int64_t b_ = -1, hk_ = -1, lo_ = 0, hi_ = 0;  // the plane, and its rows transposed so far
   std::vector<int64_t> offset_;
   CallScratch storage_;
   float* data_;
@@ -197,6 +215,15 @@ inline int64_t KeyRowsOf(const NaGeometry& s, int64_t row, int64_t* key_row, int
     }
   }
   return n;
+}
+
+// Transposes into kt and vt the key rows key_row[0 .. n) of (b, hk) that they lack.
+inline void CoverKeyRows(const float* k, const float* v, int64_t b, int64_t hk,
+                         const int64_t* key_row, int64_t n, PlaneTransposed& kt,
+                         PlaneTransposed& vt) {
+  const auto [first, last] = std::minmax_element(key_row, key_row + n);
+  kt.Cover(k, b, hk, *first, *last + 1);
+  vt.Cover(v, b, hk, *first, *last + 1);
 }
 
 // Where one tile of one head lives: its queries' token rows and the key rows of its windows.
@@ -349,17 +376,6 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
     t.b = item / bands / s.kv_heads;
     t.hk = item / bands % s.kv_heads;
     const int64_t u0 = item % bands * band_len, u1 = std::min(units, u0 + band_len);
-    if (u0 >= u1) return;
-    int64_t first = rows, last = -1;  // key rows the band's windows cover
-    for (int64_t row = u0 / n_tiles; row <= (u1 - 1) / n_tiles; ++row) {
-      const int64_t n = KeyRowsOf(s, row, sc.lanes.key_row.data(), sc.lanes.bias_row.data());
-      for (int64_t r = 0; r < n; ++r) {
-        first = std::min(first, sc.lanes.key_row[r]);
-        last = std::max(last, sc.lanes.key_row[r]);
-      }
-    }
-    sc.kt.Fill(k, t.b, t.hk, first, last + 1);
-    sc.vt.Fill(v, t.b, t.hk, first, last + 1);
     t.key_row = sc.lanes.key_row.data();
     t.bias_row = sc.lanes.bias_row.data();
     t.row = -1;
@@ -367,6 +383,7 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
       if (u / n_tiles != t.row) {
         t.row = u / n_tiles;
         t.n_rows = KeyRowsOf(s, t.row, sc.lanes.key_row.data(), sc.lanes.bias_row.data());
+        CoverKeyRows(k, v, t.b, t.hk, t.key_row, t.n_rows, sc.kt, sc.vt);
       }
       t.tile = &tiles[u % n_tiles];
       for (int64_t g = 0; g < G; ++g) {  // heads sharing the kv head: the same key rows
@@ -520,7 +537,6 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
   struct Scratch {
     LaneScratch lanes;
     PlaneTransposed kt, vt;
-    int64_t b = -1, hk = -1;  // the plane in kt, vt
   };
   ForEachScatterItem(s, workers, rows * n_tiles, PaddedDim(s), dk, dv,
                      rpb != nullptr ? drpb : nullptr,
@@ -529,12 +545,6 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
                                       PlaneTransposed(s, layout, 1)};
                      },
                      [&](Scratch& sc, const ScatterItem& it) {
-    if (sc.b != it.b || sc.hk != it.hk) {  // an item's tiles all read its (batch, kv head)
-      sc.kt.Fill(k, it.b, it.hk, 0, rows);
-      sc.vt.Fill(v, it.b, it.hk, 0, rows);
-      sc.b = it.b;
-      sc.hk = it.hk;
-    }
     int64_t last_row = -1, n_rows = 0;
     for (int64_t i = it.tile_begin; i < it.tile_end; ++i) {
       LaneTask t;
@@ -544,6 +554,7 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
       t.hk = it.hk;
       if (t.row != last_row) {
         n_rows = KeyRowsOf(s, t.row, sc.lanes.key_row.data(), sc.lanes.bias_row.data());
+        CoverKeyRows(k, v, it.b, it.hk, sc.lanes.key_row.data(), n_rows, sc.kt, sc.vt);
         last_row = t.row;
       }
       t.n_rows = n_rows;
