@@ -194,8 +194,9 @@ def _natten_timings(case: Case, repeats: int):
   return timed(fwd), timed(bwd), timed(both)
 
 
-def run(suite: str, repeats: int, log=print, only=None, save=None):
-  """Times every implementation on every case of `suite` (or just the `only` named ones).
+def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
+  """Times every implementation on every case of `suite` (or just the `only` named ones),
+  `rounds` times each, interleaved; each time is the median over the rounds.
 
   `save`, when given, receives the results so far after every row: a run stopped early
   (a time limit on a borrowed GPU, say) still leaves what it measured.
@@ -217,7 +218,8 @@ def run(suite: str, repeats: int, log=print, only=None, save=None):
   result = dict(date=datetime.date.today().isoformat(), suite=suite,
                 device=jax.devices(platform)[0].device_kind, machine=platform_module.machine(),
                 cores=os.cpu_count(), jax=jax.__version__, cpu_model=cpu and cpu["model"],
-                cpu_isa=cpu and cpu["isa"], repeats=repeats, peaks=peaks, rows=rows)
+                cpu_isa=cpu and cpu["isa"], repeats=repeats, rounds=rounds, peaks=peaks,
+                rows=rows)
   for case in cases:
     q, k, v, rpb, dout = _inputs(case)
     args = (q, k, v, rpb) if case.rpb else (q, k, v)
@@ -230,17 +232,25 @@ def run(suite: str, repeats: int, log=print, only=None, save=None):
                     lambda: _timings(_dense_forward(platform), (q, k, v), dout, repeats)))
     if platform == "gpu":
       impls.append(("natten", lambda: _natten_timings(case, repeats)))
-    for name, measure in impls:
-      if only and name not in only:
+    impls = [(name, measure) for name, measure in impls if not only or name in only]
+    timings = {name: [] for name, _ in impls}
+    for _ in range(rounds):  # interleaved, so that drifts of a shared machine hit all alike
+      for name, measure in impls:
+        if timings[name] is None:
+          continue
+        try:
+          times = measure()
+        except Exception as e:  # e.g. out of memory: record it, keep benchmarking
+          log(f"{case.name:<44} {name:<14} failed: {type(e).__name__}: {str(e)[:200]}")
+          times = None
+        if times is None:
+          timings[name] = None
+        else:
+          timings[name].append(times)
+    for name, runs in timings.items():
+      if not runs:
         continue
-      try:
-        times = measure()
-      except Exception as e:  # e.g. out of memory: record it, keep benchmarking
-        log(f"{case.name:<44} {name:<14} failed: {type(e).__name__}: {str(e)[:200]}")
-        continue
-      if times is None:
-        continue
-      fwd_ms, bwd_ms, both_ms = times
+      fwd_ms, bwd_ms, both_ms = (statistics.median(t) for t in zip(*runs))
       row = dict(case=case.name, impl=name, fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_bwd_ms=both_ms,
                  fwd_tflops=case.forward_flops / (fwd_ms * 1e9),
                  bwd_tflops=2.5 * case.forward_flops / (bwd_ms * 1e9),
@@ -266,9 +276,12 @@ def markdown(result) -> str:
                f"float32 2048² matmul {1e3 * peaks['matmul_tflops']:.0f} GFLOP/s")
   cpu_text = (f", jnat cpu kernels: {result['cpu_isa']} on {result['cpu_model']}"
               if result.get("cpu_isa") else "")
+  rounds = result.get("rounds", 1)
+  rounds_text = f", then the median of {rounds} interleaved rounds" if rounds > 1 else ""
   lines = [f"{result['date']}, {result['device']} ({result['machine']}, {result['cores']} "
            f"cores{cpu_text}), jax {result['jax']}; peaks from the same run: {peak_text}; medians of "
-           f"{result['repeats']} calls (fewer where they would take over 10 s).", ""]
+           f"{result['repeats']} calls (fewer where they would take over 10 s)"
+           f"{rounds_text}.", ""]
   header = ["case", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", f"fwd {unit}",
             "fwd % of matmul", f"bwd {unit}", "fwd+bwd × vs dense"]
   if gpu:
@@ -293,6 +306,9 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--out", default="bench_results.json",
                       help="JSON results file; a Markdown table is written beside it")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="measure every implementation this many times, interleaved, and "
+                           "report medians (steadier on a shared machine)")
   parser.add_argument("--only", action="append", metavar="IMPL",
                       help='time only this implementation (repeatable), e.g. "jnat cpu"')
   args = parser.parse_args(argv)
@@ -303,7 +319,7 @@ def main(argv=None):
     with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
       f.write(markdown(result) + "\n")
 
-  result = run(args.suite, args.repeats, only=args.only, save=save)
+  result = run(args.suite, args.repeats, only=args.only, save=save, rounds=args.rounds)
   save(result)
   print()
   print(markdown(result))

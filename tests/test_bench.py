@@ -18,6 +18,22 @@ def test_bench_runs_and_tabulates(monkeypatch, tmp_path):
     assert all(float(c) > 0 for c in line.strip("| ").split(" | ")[2:5])  # the times
 
 
+def test_bench_rounds_interleave_and_take_medians(monkeypatch):
+  monkeypatch.setattr(bench, "CPU_CASES", (bench.Case("tiny 1D", (40,), 1, 2, 8, (5,)),))
+  calls = []
+
+  def fake_timings(forward, args, dout, repeats):
+    calls.append(forward)
+    return (len(calls), 2.0 * len(calls), 10.0)
+
+  monkeypatch.setattr(bench, "_timings", fake_timings)
+  result = bench.run("cpu", 1, log=lambda *_: None, only=["jnat xla", "dense xla"], rounds=3)
+  assert len(calls) == 6
+  xla, dense = result["rows"]
+  assert (xla["impl"], xla["fwd_ms"], xla["bwd_ms"]) == ("jnat xla", 3, 6.0)  # calls 1, 3, 5
+  assert (dense["impl"], dense["fwd_ms"], dense["bwd_ms"]) == ("dense xla", 4, 8.0)  # 2, 4, 6
+
+
 def test_bench_times_only_the_named_implementations(monkeypatch, tmp_path):
   monkeypatch.setattr(bench, "CPU_CASES", (bench.Case("tiny 2D", (10, 12), 1, 2, 8, (3, 5)),))
   out = tmp_path / "results.json"
