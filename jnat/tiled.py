@@ -199,9 +199,12 @@ def _tile_dims(tilings):
   return tuple(math.prod(getattr(t, f) for t in tilings) for f in ("units", "tile", "halo"))
 
 
+# The per-unit tables below are host constants: built in the graph, they reached the chunk
+# loop as computed arrays, and the CPU forward ran 1.3x (mask) to 1.8x (with rpb) slower.
+
 def tile_mask(tilings):
   """bool ``[units, 1, T, W]``: which block keys each tile query sees."""
-  visible = functools.reduce(jnp.logical_and, _per_unit([jnp.asarray(t.mask) for t in tilings]))
+  visible = functools.reduce(np.logical_and, _per_unit([t.mask for t in tilings]))
   units, tile, halo = _tile_dims(tilings)
   return visible.reshape(units, 1, tile, halo)
 
@@ -210,10 +213,10 @@ def tile_rpb_index(tilings, rpb_shape):
   """int32 ``[units, T, W]``: each (tile query, block key) pair's entry in one head's
   flattened rpb (0 where the key is not in the query's window; the mask drops those)."""
   strides = np.cumprod((tuple(rpb_shape[2:]) + (1,))[::-1])[::-1]  # row-major, per axis
-  parts = _per_unit([jnp.asarray(np.maximum(t.rpb_index, 0) * s, jnp.int32)
+  parts = _per_unit([np.maximum(t.rpb_index, 0).astype(np.int32) * s
                      for t, s in zip(tilings, strides)])
   units, tile, halo = _tile_dims(tilings)
-  return functools.reduce(jnp.add, parts).reshape(units, tile, halo)
+  return functools.reduce(np.add, parts).reshape(units, tile, halo).astype(np.int32)
 
 
 def _unit_bias(rpb_table, index):
