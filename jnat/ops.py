@@ -118,6 +118,20 @@ def _concrete_platform(*arrays) -> str | None:
   return _platform_name(device.platform)
 
 
+def _mesh_of(x):
+  """A context in which ``x``'s Explicit mesh is the current one, if the caller did not enter
+  one: arrays placed with ``jax.device_put(x, NamedSharding(mesh, spec))`` on a mesh with
+  Explicit axes (``jax.make_mesh``'s default) carry it in their type, but sharding-aware
+  reshapes, ``reshard`` and ``auto_axes`` inside the backends need it in context. (Under
+  ``jax.jit``; eager calls on such arrays outside a mesh context fail in JAX itself.)"""
+  sharding = getattr(jax.typeof(x), "sharding", None) if hasattr(x, "dtype") else None
+  mesh = sharding.mesh if sharding is not None else None  # not an array: validation says so
+  if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types or \
+      not jax.sharding.get_abstract_mesh().empty:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh))
+
+
 def _run(plan, arrays, call):
   """``call(module, *arrays)`` on the backend `plan` names for the platform it runs on."""
   branch, by_module = {}, {}  # one function per module: platform_dependent joins equal ones
@@ -279,9 +293,10 @@ def _fused_op(rank):
   def op(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
          rpb=None, additional_keys=None, additional_values=None, return_lse=False,
          backend=None):
-    return _neighborhood_attention(rank, query, key, value, kernel_size, stride, dilation,
-                                   is_causal, scale, rpb, additional_keys, additional_values,
-                                   return_lse, backend)
+    with _mesh_of(query):
+      return _neighborhood_attention(rank, query, key, value, kernel_size, stride, dilation,
+                                     is_causal, scale, rpb, additional_keys, additional_values,
+                                     return_lse, backend)
   op.__name__ = op.__qualname__ = f"na{rank}d"
   op.__doc__ = _doc(_FUSED_DOC, rank)
   return op
@@ -290,7 +305,8 @@ def _fused_op(rank):
 def _qk_op(rank):
   def op(query, key, kernel_size, stride=1, dilation=1, is_causal=False, rpb=None,
          backend=None):
-    return _qk(rank, query, key, kernel_size, stride, dilation, is_causal, rpb, backend)
+    with _mesh_of(query):
+      return _qk(rank, query, key, kernel_size, stride, dilation, is_causal, rpb, backend)
   op.__name__ = op.__qualname__ = f"na{rank}d_qk"
   op.__doc__ = _doc(_QK_DOC, rank)
   return op
@@ -298,7 +314,8 @@ def _qk_op(rank):
 
 def _av_op(rank):
   def op(attn, value, kernel_size, stride=1, dilation=1, is_causal=False, backend=None):
-    return _av(rank, attn, value, kernel_size, stride, dilation, is_causal, backend)
+    with _mesh_of(value):
+      return _av(rank, attn, value, kernel_size, stride, dilation, is_causal, backend)
   op.__name__ = op.__qualname__ = f"na{rank}d_av"
   op.__doc__ = _doc(_AV_DOC, rank)
   return op

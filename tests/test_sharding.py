@@ -4,7 +4,8 @@ Without the right partitioning rule a custom call is still correct but all-gathe
 and runs the whole problem on every device; without the rpb reduction the rpb gradient of a
 batch-sharded run is silently wrong; and head-sharded GQA/MQA with replicated kv needs
 each device to pick its kv heads and the kv gradients summed over heads. All show here,
-for every case of sharding_worker.CASES on Auto and Explicit meshes, forward and gradients.
+for every case of sharding_worker.CASES on Auto and Explicit meshes (the latter also without
+jax.set_mesh, the mesh known only from the arrays' shardings), forward and gradients.
 """
 
 import json
@@ -16,7 +17,7 @@ import sys
 import pytest
 
 from na_testing import ALL_BACKENDS
-from sharding_worker import CASES
+from sharding_worker import CASES, MODES
 
 WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
 
@@ -38,7 +39,7 @@ def results():
 
 
 def test_every_case_ran(results):
-  assert len(results) == len(ALL_BACKENDS) * 2 * len(CASES)
+  assert len(results) == len(ALL_BACKENDS) * len(MODES) * len(CASES)
 
 
 def _cases(results, backend, explicit):
