@@ -50,8 +50,8 @@ class Backend:
 # runs there, is built and supports the dtype. Adding a backend is one entry.
 BACKENDS = {
     # Opt-in until it passes every GPU test and its backward beats "tiled": on its first GPU
-    # run (H200, 2026-11-28, BENCHMARKS.md) 7 of 157 GPU tests failed and forward+backward
-    # on NAT-Tiny's first stage took 49.8 ms against tiled's 6.3 ms.
+    # run (H200, 2026-11-28, BENCHMARKS.md) 7 of the ~150 GPU tests that ran failed, and
+    # forward+backward on NAT-Tiny's first stage took 49.8 ms against tiled's 6.3 ms.
     "cuda": Backend("jnat._ffi", ("cuda",), _compiled("cuda"), default=False),
     "cpu": Backend("jnat._ffi", ("cpu",), _compiled("cpu")),
     "tiled": Backend("jnat.tiled", None, dtypes=_checks.SUPPORTED_DTYPES + ("float64",)),
@@ -84,8 +84,8 @@ def _plan(backend: str | None, x, name: str) -> dict[str | None, str]:
   dtype = np.dtype(x.dtype).name
   if backend is not None:
     if backend not in BACKENDS:
-      raise ValueError(f"backend={backend!r} is unknown; use None (the platform's default) or one "
-                       f"of {tuple(BACKENDS)}.")
+      raise ValueError(f"backend={backend!r} is unknown; use None (the platform's default) "
+                       f"or one of {tuple(BACKENDS)}.")
     entry = BACKENDS[backend]
     if not entry.built():
       from jnat import _ffi
@@ -124,10 +124,9 @@ def _mesh_of(x):
   Explicit axes (``jax.make_mesh``'s default) carry it in their type, but sharding-aware
   reshapes, ``reshard`` and ``auto_axes`` inside the backends need it in context. (Under
   ``jax.jit``; eager calls on such arrays outside a mesh context fail in JAX itself.)"""
-  sharding = getattr(jax.typeof(x), "sharding", None) if hasattr(x, "dtype") else None
-  mesh = sharding.mesh if sharding is not None else None  # not an array: validation says so
-  if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types or \
-      not jax.sharding.get_abstract_mesh().empty:
+  from jnat import reference  # deferred like the backends
+  mesh = reference.explicit_mesh(x) if hasattr(x, "dtype") else None  # else validation says
+  if mesh is None or not jax.sharding.get_abstract_mesh().empty:
     return contextlib.nullcontext()
   return jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh))
 

@@ -208,7 +208,7 @@ def na_qk(query, key, nbhd: Neighborhood, rpb=None):
     key = spread_heads(key.astype(acc), heads, kv_sharded)
     return _chunked(qk, nbhd, [query.astype(acc)], [key, rpb], row)
 
-  return per_head_layout(run, query, key, lambda spec: P(*spec[:-1], None))(query, key, rpb)
+  return per_head_layout(run, query, key, window_out_specs)(query, key, rpb)
 
 
 def na_av(attn, value, nbhd: Neighborhood):
@@ -224,7 +224,7 @@ def na_av(attn, value, nbhd: Neighborhood):
     value = spread_heads(value.astype(acc), heads, kv_sharded)
     return _chunked(av, nbhd, [attn.astype(acc)], [value], row)
 
-  return per_head_layout(run, attn, value, lambda spec: P(*spec[:-1], None))(attn, value)
+  return per_head_layout(run, attn, value, window_out_specs)(attn, value)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -260,17 +260,31 @@ def _spread_bwd(heads, kv_sharded, kv_heads, grad):
 spread_heads.defvjp(_spread_fwd, _spread_bwd)
 
 
+def explicit_mesh(x):
+  """The mesh of ``x``'s sharding if it has Explicit axes, else None."""
+  mesh = jax.typeof(x).sharding.mesh
+  if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    return None
+  return mesh
+
+
 def explicit_spec(x):
   """``x``'s partition spec, one entry per axis, if it is sharded over Explicit mesh axes."""
-  sharding = jax.typeof(x).sharding
-  if sharding.mesh.empty or jax.sharding.AxisType.Explicit not in sharding.mesh.axis_types:
+  if explicit_mesh(x) is None:
     return None
-  return tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  spec = jax.typeof(x).sharding.spec
+  return tuple(spec) + (None,) * (x.ndim - len(spec))
 
 
 def fused_out_specs(spec):
   """The fused op's results, ``(out, lse)``, sharded like a query of partition spec ``spec``."""
   return P(*spec), P(*spec[:-1])  # lse: no head_dim
+
+
+def window_out_specs(spec):
+  """Per-window results ``[B, *spatial, H, prod(K)]`` (qk weights, av output rows alike),
+  sharded like the input of partition spec ``spec`` with its last axis whole."""
+  return P(*spec[:-1], None)
 
 
 def per_head_layout(fn, x, kv, out_specs):

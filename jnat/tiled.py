@@ -226,10 +226,10 @@ def _unit_bias(rpb_table, index):
   return jnp.moveaxis(jnp.take(rpb_table, index, axis=0), -1, 1)
 
 
-def _unit_bias_grad(dbias, index, rpb_table):
-  """Transpose of ``_unit_bias``: ``dbias [U, H, T, W]`` summed into ``[R, H]``."""
-  rows = jnp.moveaxis(dbias, 1, -1).reshape(-1, rpb_table.shape[1])
-  return jnp.zeros_like(rpb_table).at[index.reshape(-1)].add(rows)
+def _add_unit_bias_grad(drpb, dbias, index):
+  """Transpose of ``_unit_bias``: ``dbias [U, H, T, W]`` added into ``drpb [R, H]``."""
+  rows = jnp.moveaxis(dbias, 1, -1).reshape(-1, drpb.shape[1])
+  return drpb.at[index.reshape(-1)].add(rows)
 
 
 # --- Attention inside the tiles: custom VJP that recomputes the weights from the lse. ---
@@ -279,7 +279,7 @@ def _backward_units(drpb, q, k, v, mask, rpb_index, out, lse, dout, dlse, rpb_ta
   dq = einsum("ubhtw,ubhwd->ubhtd", ds_low, k, preferred_element_type=acc) * scale
   dk = _transposed_product(ds_low, q) * scale
   if rpb_table is not None:
-    drpb = drpb + _unit_bias_grad(jnp.sum(ds, axis=1), rpb_index, rpb_table)
+    drpb = _add_unit_bias_grad(drpb, jnp.sum(ds, axis=1), rpb_index)
   return drpb, (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
 
 
@@ -303,8 +303,8 @@ def attend_units(q, k, v, mask, rpb_table, rpb_index, scale, chunk):
 
   q ``[U, B, H, T, D]``; k, v ``[U, B, H, W, D]``; mask ``[U, 1, T, W]``; rpb_table ``[R, H]``
   (rpb with its positions flattened, heads last) and rpb_index ``[U, T, W]``
-  (``tile_rpb_index``), or both None;
-  out like q; lse ``[U, B, H, T]`` in the accumulation dtype. Runs ``chunk`` units at a time.
+  (``tile_rpb_index``), or both None; out like q; lse ``[U, B, H, T]`` in the accumulation
+  dtype. Runs ``chunk`` units at a time.
   """
   forward = functools.partial(_forward_units, scale=scale)
   return _scan_units(forward, chunk, (q, k, v, mask, rpb_index), (rpb_table,))[1]
