@@ -1,16 +1,18 @@
 """The ``"tiled"`` backend: neighborhood attention as dense matrix products over query tiles.
 
 Pure JAX (no custom calls), so it runs on every XLA platform, TPU included. Each spatial
-axis is first regrouped into its dilation groups (a dilated neighbourhood is a plain one
-inside each group), then cut into tiles of queries aligned with the stride groups. Every
-tile's keys and values are gathered once, as the haloed block that holds the union of its
-queries' windows; logits are one batched matmul per tile, the exact NATTEN window (border
-shift, stride, causal) is a mask over the block, and the output is a second matmul. Work
-grows with the halo (about ``(tile + kernel - 1) / kernel`` per axis over the windows
-alone) but runs at the matmul rate, where a per-query gather runs at the memory rate.
+axis is seen in its dilation groups (a dilated neighbourhood is a plain one inside each
+group) and cut into tiles of queries aligned with the stride groups. Every tile's keys and
+values are taken once, as the haloed block that holds the union of its queries' windows;
+logits are one batched matmul per tile, the exact NATTEN window (border shift, stride,
+causal) is a mask over the block, and the output is a second matmul. Work grows with the
+halo (about ``(tile + kernel - 1) / kernel`` per axis over the windows alone) but runs at
+the matmul rate, where a per-query gather runs at the memory rate.
 
-All index math comes from ``reference.axis_windows``, so the tiles cannot drift from the
-reference's semantics.
+Tiles run in chunks: on CPU, cache-sized chunks in a loop, each gathering its query tiles
+and key blocks from the tokens (``GatherLayout``); on accelerators, all at once, cut by
+reshapes and slices (``CutLayout``). All index math comes from ``reference.axis_windows``,
+so the tiles cannot drift from the reference's semantics.
 """
 
 from __future__ import annotations
@@ -163,19 +165,34 @@ def key_blocks(x, tilings):
   return _merge_units(x, len(tilings))
 
 
-def key_token_index(tilings):
-  """int32 ``[units, W]``: the key token (row-major over the spatial axes) in each slot of
-  each tile's block, so that a block is also a gather of key rows. Slots past the keys (the
-  padding of ``key_blocks``) hold the nearest token: no query sees them (``tile_mask``)."""
-  coords = []
-  for t in tilings:
+def _token_table(tilings, slots):
+  """Tokens (row-major over the spatial axes) at group positions ``slots[a] [units_a, S_a]``
+  relative to each tile's first query, per axis -> int32 ``[units, S]``, with the tokens
+  past an axis' end or its dilation group's end set to the number of tokens."""
+  coords, real = [], []
+  for t, s in zip(tilings, slots):
     unit = np.arange(t.units)[:, None]
-    in_group = unit % t.tiles * t.tile + t.halo_offset + np.arange(t.halo)
-    coords.append(np.clip(in_group * t.dilation + unit // t.tiles, 0, t.length - 1))
+    group, in_group = unit // t.tiles, unit % t.tiles * t.tile + s
+    coord = in_group * t.dilation + group
+    real.append((in_group >= 0) & (coord < t.length))
+    coords.append(np.clip(coord, 0, t.length - 1))
   strides = np.cumprod([1] + [t.length for t in tilings[:0:-1]])[::-1]
-  parts = _per_unit([(c * s)[:, None, :] for c, s in zip(coords, strides)])
-  units, _, halo = _tile_dims(tilings)
-  return functools.reduce(np.add, parts).reshape(units, halo).astype(np.int32)
+  token = functools.reduce(np.add, _per_unit([(c * s)[:, None] for c, s in zip(coords, strides)]))
+  real = functools.reduce(np.logical_and, _per_unit([r[:, None] for r in real]))
+  units, _, _ = _tile_dims(tilings)
+  token = np.where(real, token, math.prod(t.length for t in tilings))
+  return token.reshape(units, -1).astype(np.int32)
+
+
+def query_token_index(tilings):
+  """int32 ``[units, T]``: the query token of each tile slot (the token count for padding)."""
+  return _token_table(tilings, [np.arange(t.tile) for t in tilings])
+
+
+def key_token_index(tilings):
+  """int32 ``[units, W]``: the key token in each slot of each tile's block (the token count
+  for padding, which no query sees: ``tile_mask``)."""
+  return _token_table(tilings, [t.halo_offset + np.arange(t.halo) for t in tilings])
 
 
 def untile_queries(x, tilings):
@@ -259,55 +276,78 @@ def _logits(q, k, mask, bias, scale):
 
 
 @dataclasses.dataclass(frozen=True)
-class GatheredBlocks:
-  """Blocks gathered from the keys' rows one chunk of units at a time, inside the loop, and
-  their gradients scattered back: the haloed blocks (about ``prod(W / T)`` times the keys)
-  never exist for all units at once. On CPU the gather runs at the speed of a copy, where
-  the slices and concatenations of ``key_blocks`` ran 4x slower, and their transposes
-  needed block-sized arrays outside the loop. Only the token axis is indexed: batch and
-  heads are whole slices, which partitioners keep sharded (rows indexed across them made
-  the partitioner gather whole arrays)."""
+class GatherLayout:
+  """Tiles gathered from the tokens' rows one chunk of units at a time, inside the loop, and
+  results written back by scatters: neither the query tiles nor the haloed key blocks (about
+  ``prod(W / T)`` times the keys) exist for all units at once. On CPU a gather of rows runs
+  at the speed of a copy, where cutting the blocks with slices and concatenations ran 4x
+  slower and every layout change outside the loop was another pass over memory. Only the
+  token axis is indexed (batch and heads are whole slices, which partitioners keep
+  sharded); padding tokens (the token count N) are clamped when read and dropped when
+  written."""
 
-  # [B, U, W, H, D] (what indexing the token axis gives) <-> [U, B, H, W, D] (the tiles').
-  _TO_BLOCKS = (1, 0, 3, 2, 4)
+  rank: int
+
+  def _tokens(self, x):
+    """``[B, *spatial, H, *rest]`` -> ``[B, N, H, *rest]``."""
+    return x.reshape(x.shape[0], -1, *x.shape[self.rank + 1:])
 
   @staticmethod
-  def _tokens(x):
-    """``[B, *spatial, H, D]`` -> ``[B, N, H, D]``."""
-    return x.reshape(x.shape[0], -1, *x.shape[-2:])
+  def _swap(x):
+    """``[B, U, S, H, *rest]`` <-> ``[U, B, H, S, *rest]``."""
+    return jnp.transpose(x, (1, 0, 3, 2, *range(4, x.ndim)))
 
-  def of(self, x, token_index):
-    """The blocks ``[U, B, H, W, D]`` of keys ``x [B, *spatial, H, D]``."""
-    rows = self._tokens(x).at[:, token_index].get(mode="promise_in_bounds")
-    return jnp.transpose(rows, self._TO_BLOCKS)
+  def take(self, x, token_index):
+    """``x [B, *spatial, H, *rest]`` at ``token_index [U, S]`` -> ``[U, B, H, S, *rest]``."""
+    return self._swap(self._tokens(x).at[:, token_index].get(mode="clip"))
 
-  def add_grad(self, acc, token_index, grad):
-    """``acc [B, *spatial, H, D]`` plus the blocks' gradient added into their key rows."""
-    grad = jnp.transpose(grad, self._TO_BLOCKS).astype(acc.dtype)  # a self-inverse swap
-    return self._tokens(acc).at[:, token_index].add(grad, mode="promise_in_bounds").reshape(
-        acc.shape)
+  queries = keys = take
+
+  def put_queries(self, acc, token_index, values):
+    """``acc`` with the tiles' query rows set to ``values [U, B, H, T, *rest]``."""
+    rows = self._tokens(acc).at[:, token_index]
+    return rows.set(self._swap(values).astype(acc.dtype), mode="drop").reshape(acc.shape)
+
+  def add_keys(self, acc, token_index, values):
+    """``acc`` plus ``values [U, B, H, W, D]`` added into the blocks' key rows."""
+    rows = self._tokens(acc).at[:, token_index]
+    return rows.add(self._swap(values).astype(acc.dtype), mode="drop").reshape(acc.shape)
 
 
 @dataclasses.dataclass(frozen=True)
-class CutBlocks:
-  """Every unit's block at once, cut from the keys (``key_blocks``): the accelerators' way,
-  one batch of units, where a chunk loop would be many small kernels per iteration."""
+class CutLayout:
+  """Every unit's tiles at once, cut from the tokens by reshapes, slices and concatenations:
+  the accelerators' way (one batch of units; a chunk loop there would be many small kernels
+  per iteration). The token tables are not needed."""
 
   tilings: tuple[AxisTiling, ...]
 
-  def of(self, x, token_index):
+  def queries(self, x, token_index):
+    del token_index
+    if x.ndim == len(self.tilings) + 2:  # no trailing D (lse)
+      return query_tiles(x[..., None], self.tilings)[..., 0]
+    return query_tiles(x, self.tilings)
+
+  def keys(self, x, token_index):
     del token_index
     return key_blocks(x, self.tilings)
 
-  def add_grad(self, acc, token_index, grad):
+  def put_queries(self, acc, token_index, values):
+    del token_index
+    return untile_queries(values, self.tilings).astype(acc.dtype)
+
+  def add_keys(self, acc, token_index, values):
     del token_index
     (grad,) = jax.linear_transpose(lambda x: key_blocks(x, self.tilings), acc)(
-        grad.astype(acc.dtype))
+        values.astype(acc.dtype))
     return acc + grad
 
 
-def _forward_units(carry, q, mask, rpb_index, token_index, k, v, rpb_table, *, scale, blocks):
-  k, v = blocks.of(k, token_index), blocks.of(v, token_index)
+def _forward_units(carry, mask, rpb_index, q_index, k_index, query, key, value, rpb_table, *,
+                   scale, layout):
+  out_acc, lse_acc = carry
+  q = layout.queries(query, q_index)
+  k, v = layout.keys(key, k_index), layout.keys(value, k_index)
   bias = None if rpb_table is None else _unit_bias(rpb_table, rpb_index)
   s = _logits(q, k, mask, bias, scale)
   # A window whose every logit is -inf (an rpb of -inf) gives output 0 and lse -inf.
@@ -318,86 +358,89 @@ def _forward_units(carry, q, mask, rpb_index, token_index, k, v, rpb_table, *, s
   some = total > 0
   out = out / jnp.where(some, total, 1.0)
   lse = jnp.where(some, peak + jnp.log(jnp.where(some, total, 1.0)), -jnp.inf)
-  return carry, (out.astype(q.dtype), lse[..., 0])
+  return (layout.put_queries(out_acc, q_index, out),
+          layout.put_queries(lse_acc, q_index, lse[..., 0])), None
 
 
-def _backward_units(carry, q, q_t, mask, rpb_index, token_index, out, lse, dout, dout_t, dlse,
-                    k, v, rpb_table, *, scale, blocks):
-  """q_t, dout_t: q and dout with T and D swapped, made outside the loop. The key-side
-  gradients are ``x^T ds`` products; with x^T at hand they are plain ``[D, T] x [T, W]``
-  matmuls, which XLA's CPU backend runs about 1.5x faster than the same product with a
-  transposed operand (a transpose made in the loop folds back into the product)."""
-  drpb, dk, dv = carry
-  acc = acc_dtype(q)
-  k_blocks, v_blocks = blocks.of(k, token_index), blocks.of(v, token_index)
+def _backward_units(carry, mask, rpb_index, q_index, k_index, query, key, value, out, lse,
+                    dout, dlse, rpb_table, *, scale, layout):
+  drpb, dq_acc, dk_acc, dv_acc = carry
+  acc = acc_dtype(query)
+  q, do = layout.queries(query, q_index), layout.queries(dout, q_index)
+  k, v = layout.keys(key, k_index), layout.keys(value, k_index)
   bias = None if rpb_table is None else _unit_bias(rpb_table, rpb_index)
-  s = _logits(q, k_blocks, mask, bias, scale)
+  s = _logits(q, k, mask, bias, scale)
+  lse = layout.queries(lse, q_index)
   finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # fully masked rows: p = 0
   p = jnp.exp(s - finite_lse[..., None])
-  dp = einsum("ubhtd,ubhwd->ubhtw", dout, v_blocks, preferred_element_type=acc)
-  ds = p * (dp - softmax_delta(dout, out, dlse)[..., None])
+  dp = einsum("ubhtd,ubhwd->ubhtw", do, v, preferred_element_type=acc)
+  delta = softmax_delta(do, layout.queries(out, q_index), layout.queries(dlse, q_index))
+  ds = p * (dp - delta[..., None])
   ds_low = ds.astype(q.dtype)
-  dq = einsum("ubhtw,ubhwd->ubhtd", ds_low, k_blocks, preferred_element_type=acc) * scale
-  dv_t = einsum("ubhdt,ubhtw->ubhdw", dout_t, p.astype(dout.dtype), preferred_element_type=acc)
+  dq = einsum("ubhtw,ubhwd->ubhtd", ds_low, k, preferred_element_type=acc) * scale
+  # The key-side gradients are x^T ds products. With x^T materialised they are plain
+  # [D, T] x [T, W] matmuls, which XLA's CPU backend runs about 1.5x faster than a product
+  # with a transposed operand; without the barriers XLA folds the transposes back into them.
+  q_t, do_t = jax.lax.optimization_barrier((jnp.swapaxes(q, -1, -2), jnp.swapaxes(do, -1, -2)))
+  dv_t = einsum("ubhdt,ubhtw->ubhdw", do_t, p.astype(do.dtype), preferred_element_type=acc)
   dk_t = einsum("ubhdt,ubhtw->ubhdw", q_t, ds_low, preferred_element_type=acc) * scale
-  # Else XLA folds the transposes below into the products, back to the slow form.
   dk_t, dv_t = jax.lax.optimization_barrier((dk_t, dv_t))
-  dk = blocks.add_grad(dk, token_index, jnp.swapaxes(dk_t, -1, -2))
-  dv = blocks.add_grad(dv, token_index, jnp.swapaxes(dv_t, -1, -2))
+  dk_acc = layout.add_keys(dk_acc, k_index, jnp.swapaxes(dk_t, -1, -2))
+  dv_acc = layout.add_keys(dv_acc, k_index, jnp.swapaxes(dv_t, -1, -2))
   if rpb_table is not None:
     drpb = _add_unit_bias_grad(drpb, jnp.sum(ds, axis=1), rpb_index)
-  return (drpb, dk, dv), dq.astype(q.dtype)
+  return (drpb, layout.put_queries(dq_acc, q_index, dq), dk_acc, dv_acc), None
 
 
-def _scan_units(fn, chunk, per_unit, shared, carry=None):
-  """``fn(carry, *per_unit_chunk, *shared) -> (carry, outputs)`` over chunks of ``chunk``
-  units (axis 0 of every ``per_unit`` array; ``chunk`` divides them), one chunk at a time so
-  that the per-tile intermediates stay small: per-unit outputs re-joined, the carry threaded
-  through the chunks."""
+def _scan_units(fn, chunk, per_unit, shared, carry):
+  """``fn(carry, *per_unit_chunk, *shared) -> (carry, None)`` over chunks of ``chunk`` units
+  (axis 0 of every ``per_unit`` table; ``chunk`` divides them), one chunk at a time so that
+  the per-tile intermediates stay small; returns the final carry."""
   units = per_unit[0].shape[0]
   if chunk >= units:
-    return fn(carry, *per_unit, *shared)
+    return fn(carry, *per_unit, *shared)[0]
   split = lambda x: None if x is None else x.reshape(units // chunk, chunk, *x.shape[1:])
-  carry, outs = jax.lax.scan(lambda c, xs: fn(c, *xs, *shared), carry,
-                             [split(x) for x in per_unit])
-  return carry, jax.tree.map(lambda y: y.reshape(units, *y.shape[2:]), outs)
+  return jax.lax.scan(lambda c, xs: fn(c, *xs, *shared), carry, [split(x) for x in per_unit])[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def attend_units(q, k, v, mask, rpb_table, rpb_index, token_index, scale, chunk, blocks):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def attend_tiles(query, key, value, rpb_table, mask, rpb_index, q_index, k_index, scale, chunk,
+                 layout):
   """Softmax attention of every tile's queries over its block: ``(out, lse)``.
 
-  q ``[U, B, H, T, D]``; k, v ``[B, *spatial, H, D]``; mask ``[U, 1, T, W]``; rpb_table
-  ``[R, H]`` (rpb with its positions flattened, heads last) and rpb_index ``[U, T, W]``
-  (``tile_rpb_index``), or both None; token_index ``[U, W]`` (``key_token_index``); out like
-  q; lse ``[U, B, H, T]`` in the accumulation dtype. Runs ``chunk`` units at a time, their
-  key blocks made by ``blocks`` (``GatheredBlocks`` or ``CutBlocks``).
+  query ``[B, *spatial, H, D]``, key and value alike (heads spread); rpb_table ``[R, H]`` (rpb
+  with its positions flattened, heads last) or None. Per unit: mask ``[U, 1, T, W]``,
+  rpb_index ``[U, T, W]`` (``tile_rpb_index``, None without rpb), q_index ``[U, T]`` and
+  k_index ``[U, W]`` (``query_token_index``, ``key_token_index``). out like the query; lse
+  ``[B, *spatial, H]`` in the accumulation dtype. Runs ``chunk`` units at a time, their tiles
+  made by ``layout`` (``GatherLayout`` or ``CutLayout``).
   """
-  forward = functools.partial(_forward_units, scale=scale, blocks=blocks)
-  return _scan_units(forward, chunk, (q, mask, rpb_index, token_index), (k, v, rpb_table))[1]
+  forward = functools.partial(_forward_units, scale=scale, layout=layout)
+  carry = (jnp.zeros_like(query), jnp.zeros(query.shape[:-1], acc_dtype(query)))
+  return _scan_units(forward, chunk, (mask, rpb_index, q_index, k_index),
+                     (query, key, value, rpb_table), carry)
 
 
-def _attend_fwd(q, k, v, mask, rpb_table, rpb_index, token_index, scale, chunk, blocks):
-  out, lse = attend_units(q, k, v, mask, rpb_table, rpb_index, token_index, scale, chunk,
-                          blocks)
-  return (out, lse), (q, k, v, mask, rpb_table, rpb_index, token_index, out, lse)
+def _attend_fwd(query, key, value, rpb_table, mask, rpb_index, q_index, k_index, scale, chunk,
+                layout):
+  out, lse = attend_tiles(query, key, value, rpb_table, mask, rpb_index, q_index, k_index,
+                          scale, chunk, layout)
+  return (out, lse), (query, key, value, rpb_table, mask, rpb_index, q_index, k_index, out, lse)
 
 
-def _attend_bwd(scale, chunk, blocks, residuals, cotangents):
-  q, k, v, mask, rpb_table, rpb_index, token_index, out, lse = residuals
+def _attend_bwd(scale, chunk, layout, residuals, cotangents):
+  query, key, value, rpb_table, mask, rpb_index, q_index, k_index, out, lse = residuals
   dout, dlse = cotangents
-  backward = functools.partial(_backward_units, scale=scale, blocks=blocks)
-  acc = acc_dtype(q)
-  carry = (None if rpb_table is None else jnp.zeros_like(rpb_table),
-           jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc))
-  t = lambda x: jnp.swapaxes(x, -1, -2)
-  (drpb, dk, dv), dq = _scan_units(
-      backward, chunk, (q, t(q), mask, rpb_index, token_index, out, lse, dout, t(dout), dlse),
-      (k, v, rpb_table), carry)
-  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, drpb, None, None
+  backward = functools.partial(_backward_units, scale=scale, layout=layout)
+  acc = acc_dtype(query)
+  carry = (None if rpb_table is None else jnp.zeros_like(rpb_table), jnp.zeros_like(query),
+           jnp.zeros(key.shape, acc), jnp.zeros(value.shape, acc))
+  drpb, dq, dk, dv = _scan_units(backward, chunk, (mask, rpb_index, q_index, k_index),
+                                 (query, key, value, out, lse, dout, dlse, rpb_table), carry)
+  return dq, dk.astype(key.dtype), dv.astype(value.dtype), drpb, None, None, None, None
 
 
-attend_units.defvjp(_attend_fwd, _attend_bwd)
+attend_tiles.defvjp(_attend_fwd, _attend_bwd)
 
 # Logit elements per chunk of units (each a float32 or wider), per lowering platform. On CPU
 # a chunk that stays in cache is fastest; on an accelerator each chunk is a loop iteration
@@ -414,24 +457,25 @@ def _chunk_size(units, unit_elements, elements):
 def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
   tilings = tiling(tuple(query.shape[1:1 + nbhd.rank]), nbhd, tile)
   key, value = (spread_heads(x, query.shape[-2], kv_sharded) for x in (key, value))
-  q = query_tiles(query, tilings)
-  units, b, heads, t, dim = q.shape
+  b, heads = query.shape[0], query.shape[-2]
+  units, t, w = _tile_dims(tilings)
   rpb_table = rpb_index = None
   if rpb is not None:
     rpb_table = rpb.astype(acc_dtype(query)).reshape(heads, -1).T
     rpb_index = tile_rpb_index(tilings, rpb.shape)
-  unit_elements = b * heads * t * math.prod(a.halo for a in tilings)
-  args = (q, key, value, tile_mask(tilings), rpb_table, rpb_index, key_token_index(tilings))
-  cpu_chunk = _chunk_size(units, unit_elements, CHUNK_ELEMENTS["cpu"])
-  accelerator_chunk = _chunk_size(units, unit_elements, CHUNK_ELEMENTS["accelerator"])
+  args = (query, key, value, rpb_table, tile_mask(tilings), rpb_index,
+          query_token_index(tilings), key_token_index(tilings))
+  def run(elements):
+    chunk = _chunk_size(units, b * heads * t * w, elements)
+    # Cut tiles need every unit in one batch; chunks of them gather theirs.
+    layout = CutLayout(tilings) if chunk == units else GatherLayout(nbhd.rank)
+    return chunk, lambda *a: attend_tiles(*a, scale, chunk, layout)
 
-  run = lambda chunk, blocks: lambda *a: attend_units(*a, scale, chunk, blocks)
-  cpu = run(cpu_chunk, GatheredBlocks())
-  # Cut blocks need every unit in one batch; beyond that, chunks gather their blocks.
-  accelerator = run(accelerator_chunk, CutBlocks(tilings) if accelerator_chunk == units
-                    else GatheredBlocks())
-  out, lse = jax.lax.platform_dependent(*args, cpu=cpu, default=accelerator)
-  return untile_queries(out, tilings), untile_queries(lse, tilings)
+  (cpu_chunk, cpu), (accelerator_chunk, accelerator) = map(run, (
+      CHUNK_ELEMENTS["cpu"], CHUNK_ELEMENTS["accelerator"]))
+  if cpu_chunk == accelerator_chunk:
+    return cpu(*args)
+  return jax.lax.platform_dependent(*args, cpu=cpu, default=accelerator)
 
 
 def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None, tile=None):

@@ -103,10 +103,11 @@ MIXED = [
 
 @pytest.mark.parametrize("c", MIXED, ids=["1d", "2d", "3d"])
 def test_one_tile_per_chunk_matches_reference(c, monkeypatch):
-  """The CPU loop at its finest: every chunk one tile, so keys gathered per chunk and key
-  gradients scattered into the loop's carry from many chunks (the random buckets mostly fit
-  in one chunk)."""
+  """The CPU loop at its finest: every chunk one small tile, so many chunks gather
+  overlapping key blocks and add their key gradients into the loop's carry (the random
+  buckets mostly fit in one chunk)."""
   monkeypatch.setitem(tiled.CHUNK_ELEMENTS, "cpu", 1)
+  monkeypatch.setitem(tiled.TILE, c["rank"], (2,) * c["rank"])
   q, k, v, rpb, _, _ = random_inputs(4, 2, c["spatial"], c["heads"], c["kv_heads"], 8,
                                      rpb_shape=tuple(2 * k - 1 for k in c["kernel_size"]))
 
