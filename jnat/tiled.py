@@ -397,7 +397,7 @@ def _scan_units(fn, chunk, per_unit, shared, carry):
   (axis 0 of every ``per_unit`` table; ``chunk`` divides them), one chunk at a time so that
   the per-tile intermediates stay small; returns the final carry."""
   units = per_unit[0].shape[0]
-  if chunk >= units:
+  if chunk == units:
     return fn(carry, *per_unit, *shared)[0]
   split = lambda x: None if x is None else x.reshape(units // chunk, chunk, *x.shape[1:])
   return jax.lax.scan(lambda c, xs: fn(c, *xs, *shared), carry, [split(x) for x in per_unit])[0]
@@ -445,34 +445,42 @@ attend_tiles.defvjp(_attend_fwd, _attend_bwd)
 # Logit elements per chunk of units (each a float32 or wider), per lowering platform. On CPU
 # a chunk that stays in cache is fastest; on an accelerator each chunk is a loop iteration
 # of many small kernels, so chunks there only bound memory (1 GiB of logits per array).
-CHUNK_ELEMENTS = {"cpu": 1 << 20, "accelerator": 1 << 28}
+CHUNK_ELEMENTS = {"cpu": 1 << 19, "accelerator": 1 << 28}
 
 
-def _chunk_size(units, unit_elements, elements):
-  """The largest divisor of ``units`` that keeps a chunk within ``elements``."""
-  most = max(1, elements // unit_elements)
-  return max(c for c in range(1, min(units, most) + 1) if units % c == 0)
+def _pad_units(tables, units, tokens):
+  """The per-unit tables (mask, rpb_index, q_index, k_index) padded to ``units`` units with
+  units that see no key and whose results are dropped (the token count ``tokens``)."""
+  pad = lambda x, fill: np.concatenate([x, np.full((units - len(x), *x.shape[1:]), fill, x.dtype)])
+  fills = (False, 0, tokens, tokens)
+  return tuple(None if x is None else pad(x, fill) for x, fill in zip(tables, fills))
 
 
 def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
   tilings = tiling(tuple(query.shape[1:1 + nbhd.rank]), nbhd, tile)
   key, value = (spread_heads(x, query.shape[-2], kv_sharded) for x in (key, value))
-  b, heads = query.shape[0], query.shape[-2]
+  b, *spatial, heads, _ = query.shape
   units, t, w = _tile_dims(tilings)
   rpb_table = rpb_index = None
   if rpb is not None:
     rpb_table = rpb.astype(acc_dtype(query)).reshape(heads, -1).T
     rpb_index = tile_rpb_index(tilings, rpb.shape)
-  args = (query, key, value, rpb_table, tile_mask(tilings), rpb_index,
-          query_token_index(tilings), key_token_index(tilings))
+  tables = (tile_mask(tilings), rpb_index, query_token_index(tilings), key_token_index(tilings))
+
   def run(elements):
-    chunk = _chunk_size(units, b * heads * t * w, elements)
-    # Cut tiles need every unit in one batch; chunks of them gather theirs.
-    layout = CutLayout(tilings) if chunk == units else GatherLayout(nbhd.rank)
-    return chunk, lambda *a: attend_tiles(*a, scale, chunk, layout)
+    """The chunk size and the attention for chunks of about ``elements`` logits."""
+    chunks = min(units, -(-units * b * heads * t * w // elements))
+    chunk = -(-units // chunks)
+    if chunk == units:  # one batch: cut tiles
+      layout, padded = CutLayout(tilings), tables
+    else:  # chunks gather theirs; the last chunk filled up with empty units
+      layout = GatherLayout(nbhd.rank)
+      padded = _pad_units(tables, chunks * chunk, math.prod(spatial))
+    return chunk, lambda *a: attend_tiles(*a, *padded, scale, chunk, layout)
 
   (cpu_chunk, cpu), (accelerator_chunk, accelerator) = map(run, (
       CHUNK_ELEMENTS["cpu"], CHUNK_ELEMENTS["accelerator"]))
+  args = (query, key, value, rpb_table)
   if cpu_chunk == accelerator_chunk:
     return cpu(*args)
   return jax.lax.platform_dependent(*args, cpu=cpu, default=accelerator)

@@ -101,14 +101,19 @@ MIXED = [
 ]
 
 
+@pytest.mark.parametrize("per_chunk", [1, 2.5])
 @pytest.mark.parametrize("c", MIXED, ids=["1d", "2d", "3d"])
-def test_one_tile_per_chunk_matches_reference(c, monkeypatch):
-  """The CPU loop at its finest: every chunk one small tile, so many chunks gather
-  overlapping key blocks and add their key gradients into the loop's carry (the random
-  buckets mostly fit in one chunk)."""
-  monkeypatch.setitem(tiled.CHUNK_ELEMENTS, "cpu", 1)
-  monkeypatch.setitem(tiled.TILE, c["rank"], (2,) * c["rank"])
-  q, k, v, rpb, _, _ = random_inputs(4, 2, c["spatial"], c["heads"], c["kv_heads"], 8,
+def test_small_chunks_match_reference(c, per_chunk, monkeypatch):
+  """The CPU loop with small tiles, one per chunk or a few (2.5 tiles' worth of logits: 12
+  units run as 5 chunks of 3, the last filled up with empty units), so that many chunks
+  gather overlapping key blocks and add their key gradients into the loop's carry (the
+  random buckets mostly fit in one chunk)."""
+  batch, tile = 2, (2,) * c["rank"]
+  monkeypatch.setitem(tiled.TILE, c["rank"], tile)
+  nbhd = _checks.Neighborhood(*nbhd_args(c).values())
+  _, t, w = tiled._tile_dims(tiled.tiling(c["spatial"], nbhd, tile))
+  monkeypatch.setitem(tiled.CHUNK_ELEMENTS, "cpu", int(per_chunk * batch * c["heads"] * t * w))
+  q, k, v, rpb, _, _ = random_inputs(4, batch, c["spatial"], c["heads"], c["kv_heads"], 8,
                                      rpb_shape=tuple(2 * k - 1 for k in c["kernel_size"]))
 
   def outputs_and_grads(backend):
