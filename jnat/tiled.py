@@ -481,8 +481,8 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
 
   def run(elements):
     """The chunk size and the attention for chunks of about ``elements`` logits."""
-    chunks = min(units, -(-units * b * heads * t * w // elements))
-    chunk = -(-units // chunks)
+    chunk = -(-units // min(units, -(-units * b * heads * t * w // elements)))
+    chunks = -(-units // chunk)
     if chunk == units:  # one batch: cut tiles
       layout, padded = CutLayout(tilings), tables
     else:  # chunks gather theirs; the last chunk filled up with empty units

@@ -101,13 +101,21 @@ MIXED = [
 ]
 
 
-@pytest.mark.parametrize("per_chunk", [1, 2.5])
-@pytest.mark.parametrize("c", MIXED, ids=["1d", "2d", "3d"])
+# Configurations whose unit count no chunk of 2.5 tiles' worth of logits divides.
+PADDED = [
+    dict(rank=1, spatial=(13,), kernel_size=(3,), stride=(1,), dilation=(1,), is_causal=(False,),
+         heads=2, kv_heads=1),  # 7 units: 3 chunks of 3
+    dict(rank=2, spatial=(7, 7), kernel_size=(3, 2), stride=(1, 1), dilation=(1, 2),
+         is_causal=(False, True), heads=2, kv_heads=2),  # 16 units: 6 chunks of 3
+]
+
+
+@pytest.mark.parametrize("c, per_chunk", [(c, 1) for c in MIXED] + [(c, 2.5) for c in PADDED],
+                         ids=["1d", "2d", "3d", "1d-padded", "2d-padded"])
 def test_small_chunks_match_reference(c, per_chunk, monkeypatch):
-  """The CPU loop with small tiles, one per chunk or a few (2.5 tiles' worth of logits: 12
-  units run as 5 chunks of 3, the last filled up with empty units), so that many chunks
-  gather overlapping key blocks and add their key gradients into the loop's carry (the
-  random buckets mostly fit in one chunk)."""
+  """The CPU loop with 2-wide tiles, one per chunk or a few (the last chunk filled up with
+  empty units), so that many chunks gather overlapping key blocks and add their key
+  gradients into the loop's carry (the random buckets mostly fit in one chunk)."""
   batch, tile = 2, (2,) * c["rank"]
   monkeypatch.setitem(tiled.TILE, c["rank"], tile)
   nbhd = _checks.Neighborhood(*nbhd_args(c).values())
