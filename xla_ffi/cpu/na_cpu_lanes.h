@@ -90,6 +90,17 @@ inline std::vector<LaneTile> LaneTilesOfRow(const NaGeometry& s) {
   return tiles;
 }
 
+// Asks for the cache lines of n rows of D floats, `stride` floats apart (kWrite: to be
+// written), ahead of their use. Tokens of a [B, tokens, H, D] tensor lie H * D floats apart, a
+// pattern the hardware prefetchers do not follow: without this, the transposes into and out
+// of the lane layout wait on memory for most of their time.
+template <bool kWrite>
+inline void PrefetchRows(const float* x, int64_t n, int64_t stride, int64_t D) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(x + i * stride + d, kWrite ? 1 : 0);
+  }
+}
+
 // Columns of the transposed rows: group g of the last axis from column offset[g]. Each group
 // starts where its interior tiles' windows begin on a 64-byte boundary, so those tiles read
 // aligned vectors and shift them in registers (LaneDots, LaneColumnSums). Gaps are zeros.
@@ -138,7 +149,17 @@ class PlaneTransposed {
         data_(storage_.data()) {
     std::fill(data_ + rows_ * s.dim * width_,
               data_ + rows_ * s.dim * width_ + ColumnLayout::slack(s), 0.0f);
-  }
+    // Zeros outside the groups, once: Fill writes only the groups' columns.
+    const int64_t L2 = s.length[2], dil = s.dilation[2];
+    for (int64_t c = 0; c < rows_ * s.dim; ++c) {
+      float* col = data_ + c * width_;
+      std::fill(col, col + offset_[0], 0.0f);
+      for (int64_t g = 0; g < dil; ++g) {
+        const int64_t group_end = offset_[g] + GroupLength(L2, dil, g);
+        std::fill(col + group_end, col + (g + 1 < dil ? offset_[g + 1] : width_), 0.0f);
+      }
+    }
+}
 
   // Makes spatial rows [row_begin, row_end) of (b, hk) of x [B, tokens, Hkv, D] readable,
   // transposing those not done since the plane last changed (rows in between included).
@@ -154,6 +175,11 @@ class PlaneTransposed {
     }
     if (row_end > hi_) {
       Fill(x, hi_, row_end);
+      // The rows that come next, as many as were needed now.
+      const int64_t next = std::min(rows_, 2 * row_end - hi_);
+      const int64_t Hkv = s_.kv_heads, D = s_.dim, L2 = s_.length[2];
+      PrefetchRows<false>(x + ((b_ * s_.tokens() + row_end * L2) * Hkv + hk_) * D,
+                          (next - row_end) * L2, Hkv * D, D);
       hi_ = row_end;
     }
   }
@@ -173,18 +199,9 @@ class PlaneTransposed {
       for (int64_t g = 0; g < dil; ++g) {
         const int64_t lg = GroupLength(L2, dil, g);
         for (int64_t c = 0; c < lg; c += kLanes) {
-          const float* cols[kLanes];
           const int64_t n = std::min<int64_t>(kLanes, lg - c);
-          for (int64_t j = 0; j < n; ++j) cols[j] = src + (g + (c + j) * dil) * Hkv * D;
-          StoreTransposed(cols, n, D, 1.0f, dst + offset_[g] + c, width_);
-        }
-      }
-      for (int64_t d = 0; d < D; ++d) {  // zeros outside the groups
-        float* col = dst + d * width_;
-        std::fill(col, col + offset_[0], 0.0f);
-        for (int64_t g = 0; g < dil; ++g) {
-          const int64_t group_end = offset_[g] + GroupLength(L2, dil, g);
-          std::fill(col + group_end, col + (g + 1 < dil ? offset_[g + 1] : width_), 0.0f);
+          StoreTransposed(src + (g + c * dil) * Hkv * D, dil * Hkv * D, n, D, 1.0f,
+                          dst + offset_[g] + c, width_, n);
         }
       }
     }
@@ -226,6 +243,43 @@ inline void CoverKeyRows(const float* k, const float* v, int64_t b, int64_t hk,
   vt.Cover(v, b, hk, *first, *last + 1);
 }
 
+// The spatial rows in the order they are blocked (kRowBlock consecutive ones run together):
+// along the second axis by dilation group, so that neighbours in a block share key rows.
+inline std::vector<int64_t> BlockedRowOrder(const NaGeometry& s) {
+  const int64_t L1 = s.length[1], dil = s.dilation[1];
+  std::vector<int64_t> order;
+  order.reserve(s.length[0] * L1);
+  for (int64_t x0 = 0; x0 < s.length[0]; ++x0) {
+    for (int64_t g = 0; g < dil; ++g) {
+      for (int64_t x1 = g; x1 < L1; x1 += dil) order.push_back(x0 * L1 + x1);
+    }
+  }
+  return order;
+}
+
+// The union of the key rows of n query rows (key_row[i][0 .. n_rows[i]), each ascending),
+// ascending, into union_row, with which query rows see each one (of); returns its size.
+inline int64_t UnionOfKeyRows(int64_t n, const int64_t* const* key_row, const int64_t* n_rows,
+                              int64_t* union_row, KeyRowOf* of) {
+  int64_t next[kRowBlock] = {}, size = 0;
+  for (;;) {
+    int64_t key = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      if (next[i] < n_rows[i] && (key < 0 || key_row[i][next[i]] < key)) key = key_row[i][next[i]];
+    }
+    if (key < 0) return size;
+    KeyRowOf o;
+    for (int64_t i = 0; i < n; ++i) {
+      if (next[i] < n_rows[i] && key_row[i][next[i]] == key) {
+        o.mask |= 1 << i;
+        o.at[i] = static_cast<int32_t>(next[i]++);
+      }
+    }
+    union_row[size] = key;
+    of[size++] = o;
+  }
+}
+
 // Where one tile of one head lives: its queries' token rows and the key rows of its windows.
 struct LaneTask {
   const LaneTile* tile = nullptr;
@@ -242,9 +296,19 @@ struct LaneTask {
   const float* query_row(const NaGeometry& s, const float* x, int64_t j) const {
     return j < tile->lanes ? x + ((b * s.tokens() + token(s, j)) * s.heads + h) * s.dim : nullptr;
   }
+  // scale * the tile's query rows of a [B, tokens, H, D] tensor, as a lane matrix into xt
+  // (padding lanes zero).
+  void LoadTransposed(const NaGeometry& s, const float* x, float scale, float* xt) const {
+    StoreTransposed(query_row(s, x, 0), s.dilation[2] * s.heads * s.dim, tile->lanes, s.dim,
+                    scale, xt, kLanes, kLanes);
+  }
   // Key row r's slot-0 column of lane 0, in a transposed kv plane of (b, hk).
   const float* transposed(const PlaneTransposed& t, int64_t r) const {
-    return t.Row(key_row[r]) + t.offset(tile->group) + tile->start0;
+    return window(t, key_row[r]);
+  }
+  // The same for spatial row `key`.
+  const float* window(const PlaneTransposed& t, int64_t key) const {
+    return t.Row(key) + t.offset(tile->group) + tile->start0;
   }
   // Key row r's token at group column c, in a [B, tokens, Hkv, D] tensor: its index.
   int64_t key_token(const NaGeometry& s, int64_t r, int64_t c) const {
@@ -252,31 +316,42 @@ struct LaneTask {
   }
 };
 
-// Per-thread buffers; lane matrices are 64-byte aligned.
+// Per-thread buffers; lane matrices are 64-byte aligned. `matrices` of each kind: the heads
+// of a tile (backward) or the query rows of a block (forward).
 struct LaneScratch {
   int64_t slots;  // the window size: rows of a logits lane matrix
+  int64_t key_rows;  // of one query row: K0 * K1
+  // Per query row of a block: key rows and their rpb offsets, key_rows apart.
   std::vector<int64_t> key_row, bias_row;
+  std::vector<int64_t> union_row;  // the block's key rows
+  std::vector<KeyRowOf> of;        // which query rows see each (at first: row 0 sees row r)
   std::vector<const float*> rows;  // one pointer per key row
-  AlignedFloats xt, yt, buf;
-  // [heads][kLanes][PaddedDim] compact copies of the tile's q and dout rows (backward),
+  AlignedFloats xt, yt, buf;  // xt, yt: [matrices][D][kLanes]
+  // [matrices][kLanes][PaddedDim] compact copies of the tile's q and dout rows (backward),
   // zero-padded to whole vectors. In the tensors they lie heads * D floats apart, a power of
   // two that would map them all to a few cache sets, where the key rows streaming through
   // the scatter evict them.
   AlignedFloats q_rows, dout_rows;
-  float* s0;  // [heads][slots][kLanes] logits, probabilities
-  float* s1;  // [heads][slots][kLanes] second lane matrix (backward: scaled ds)
+  float* s0;  // [matrices][slots][kLanes] logits, probabilities
+  float* s1;  // [matrices][slots][kLanes] second lane matrix (backward: scaled ds)
   float* s2;  // [slots][kLanes] temporary
   float* stat;  // [4][kLanes] per-lane statistics
 
-  LaneScratch(const NaGeometry& s, int64_t heads)
-      : slots(s.window()), key_row(s.kernel[0] * s.kernel[1]), bias_row(key_row.size()),
-        rows(key_row.size()), xt(s.dim * kLanes), yt(s.dim * kLanes),
-        buf((2 * heads + 1) * slots * kLanes + 4 * kLanes),
-        q_rows(heads * kLanes * PaddedDim(s), true), dout_rows(heads * kLanes * PaddedDim(s), true) {
+  LaneScratch(const NaGeometry& s, int64_t matrices)
+      : slots(s.window()), key_rows(s.kernel[0] * s.kernel[1]),
+        key_row(kRowBlock * key_rows), bias_row(key_row.size()), union_row(key_row.size()),
+        of(key_row.size()), rows(key_row.size()), xt(matrices * s.dim * kLanes),
+        yt(matrices * s.dim * kLanes), buf((2 * matrices + 1) * slots * kLanes + 4 * kLanes),
+        q_rows(matrices * kLanes * PaddedDim(s), true),
+        dout_rows(matrices * kLanes * PaddedDim(s), true) {
     s0 = buf.data();
-    s1 = s0 + heads * slots * kLanes;
-    s2 = s1 + heads * slots * kLanes;
+    s1 = s0 + matrices * slots * kLanes;
+    s2 = s1 + matrices * slots * kLanes;
     stat = s2 + slots * kLanes;
+    for (size_t r = 0; r < of.size(); ++r) {  // one query row reading its own key rows
+      of[r].mask = 1;
+      of[r].at[0] = static_cast<int32_t>(r);
+    }
   }
 };
 
@@ -310,42 +385,74 @@ inline Vf FinishLogits(const NaGeometry& s, const LaneTask& t, const float* rpb_
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-// One tile of one head: out and lse of its queries.
-inline void LaneForwardTile(const NaGeometry& s, const LaneTask& t, const PlaneTransposed& kt,
+// One tile in the query rows of a block (kRowBlock at most), and the union of their key rows.
+struct LaneBlock {
+  int64_t n = 0;  // query rows
+  LaneTask task[kRowBlock];
+  int64_t n_union = 0;
+  const int64_t* union_row = nullptr;
+  const KeyRowOf* of = nullptr;
+};
+
+// One tile of one head in the query rows of a block: out and lse of their queries.
+inline void LaneForwardTile(const NaGeometry& s, const LaneBlock& blk, const PlaneTransposed& kt,
                             const PlaneTransposed& vt, const float* q, const float* rpb,
                             float scale, LaneScratch& sc, float* out, float* lse) {
-  const LaneTile& tile = *t.tile;
+  const LaneTask& t0 = blk.task[0];
+  const LaneTile& tile = *t0.tile;
   const int64_t K2 = s.kernel[2], W = kt.width(), D = s.dim;
   const int32_t* rel = tile.shifted ? nullptr : tile.rel;
-  const float* qrows[kLanes];
-  for (int j = 0; j < kLanes; ++j) qrows[j] = t.query_row(s, q, j);
-  StoreTransposed(qrows, kLanes, D, scale, sc.xt.data(), kLanes);
-  for (int64_t r = 0; r < t.n_rows; ++r) {
-    LaneDots(sc.xt.data(), t.transposed(kt, r), W, D, K2, rel, tile.aligned,
-             sc.s0 + r * K2 * kLanes);
+  float* xt[kRowBlock];
+  float* logit[kRowBlock];
+  float* yt[kRowBlock];
+  for (int64_t i = 0; i < blk.n; ++i) {
+    xt[i] = sc.xt.data() + i * D * kLanes;
+    logit[i] = sc.s0 + i * sc.slots * kLanes;
+    yt[i] = sc.yt.data() + i * D * kLanes;
+    blk.task[i].LoadTransposed(s, q, scale, xt[i]);
   }
-  const Vf m = FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, sc.s0);
-  Vf sum = {};
-  for (int64_t n = 0; n < t.n_rows * K2; ++n) {
-    float* x = sc.s0 + n * kLanes;
-    const Vf e = Exp(Load(x) - m);
-    Store(x, e);
-    sum += e;
+  for (int64_t u = 0; u < blk.n_union; ++u) {  // each key row once for the rows that see it
+    const float* x[kRowBlock];
+    float* logit_u[kRowBlock];
+    int64_t m = 0;
+    for (int64_t i = 0; i < blk.n; ++i) {
+      if (blk.of[u].mask >> i & 1) {
+        x[m] = xt[i];
+        logit_u[m++] = logit[i] + blk.of[u].at[i] * K2 * kLanes;
+      }
+    }
+    LaneDots(m, x, t0.window(kt, blk.union_row[u]), W, D, K2, rel, tile.aligned, logit_u);
   }
-  for (int64_t r = 0; r < t.n_rows; ++r) sc.rows[r] = t.transposed(vt, r);
-  LaneColumnSums(sc.s0, sc.rows.data(), t.n_rows, K2, W, D, rel, tile.aligned, sc.yt.data());
-  const Vf inv = Set1(1.0f) / sum;
-  for (int64_t d = 0; d < D; ++d) {
-    float* y = sc.yt.data() + d * kLanes;
-    Store(y, inv * Load(y));
+  Vf m[kRowBlock], sum[kRowBlock];
+  for (int64_t i = 0; i < blk.n; ++i) {
+    const LaneTask& t = blk.task[i];
+    m[i] = FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, logit[i]);
+    sum[i] = Vf{};
+    for (int64_t n = 0; n < t.n_rows * K2; ++n) {
+      float* x = logit[i] + n * kLanes;
+      const Vf e = Exp(Load(x) - m[i]);
+      Store(x, e);
+      sum[i] += e;
+    }
   }
-  const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
-  const int64_t lane_step = s.dilation[2] * s.heads;  // between consecutive lanes' queries
-  StoreLanesToRows(sc.yt.data(), tile.lanes, D, out + q0 * D, lane_step * D);
-  Store(sc.stat, m);
-  Store(sc.stat + kLanes, sum);
-  for (int64_t j = 0; j < tile.lanes; ++j) {
-    lse[q0 + j * lane_step] = sc.stat[j] + std::log(sc.stat[kLanes + j]);
+  for (int64_t u = 0; u < blk.n_union; ++u) sc.rows[u] = t0.window(vt, blk.union_row[u]);
+  LaneColumnSums(blk.n, logit, sc.rows.data(), blk.of, blk.n_union, K2, W, D, rel,
+                 tile.aligned, yt);
+  for (int64_t i = 0; i < blk.n; ++i) {
+    const LaneTask& t = blk.task[i];
+    const Vf inv = Set1(1.0f) / sum[i];
+    for (int64_t d = 0; d < D; ++d) {
+      float* y = yt[i] + d * kLanes;
+      Store(y, inv * Load(y));
+    }
+    const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
+    const int64_t lane_step = s.dilation[2] * s.heads;  // between consecutive lanes' queries
+    StoreLanesToRows(yt[i], tile.lanes, D, out + q0 * D, lane_step * D);
+    Store(sc.stat, m[i]);
+    Store(sc.stat + kLanes, sum[i]);
+    for (int64_t j = 0; j < tile.lanes; ++j) {
+      lse[q0 + j * lane_step] = sc.stat[j] + std::log(sc.stat[kLanes + j]);
+    }
   }
 }
 
@@ -354,13 +461,15 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
                              float* out, float* lse) {
   std::vector<LaneTile> tiles = LaneTilesOfRow(s);
   const ColumnLayout layout(s, tiles);
+  const std::vector<int64_t> row_order = BlockedRowOrder(s);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()), rows = s.length[0] * s.length[1];
-  const int64_t G = s.group(), planes = s.batch * s.kv_heads, units = rows * n_tiles;
+  const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
+  const int64_t G = s.group(), planes = s.batch * s.kv_heads, units = n_blocks * n_tiles;
   const bool threads = WorthThreads(s);
   // Each worker transposes the (batch, kv head) planes it works on into its own buffers, so
   // that workers meet only at the end: on a busy machine every barrier waits for whichever
   // thread was descheduled. With fewer planes than workers, planes are split into bands of
-  // (row, tile) units, each transposing only the key rows its windows cover.
+  // (row block, tile) units, each transposing only the key rows its windows cover.
   const int64_t P = threads ? workers.size() : 1;
   const int64_t bands = std::min(units, (P + planes - 1) / planes);
   const int64_t band_len = (units + bands - 1) / bands;
@@ -369,26 +478,56 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
     PlaneTransposed kt, vt;
   };
   ForEachItem(workers, threads, planes * bands,
-              [&] { return Scratch{LaneScratch(s, 1), PlaneTransposed(s, layout, 0),
+              [&] { return Scratch{LaneScratch(s, kRowBlock), PlaneTransposed(s, layout, 0),
                                    PlaneTransposed(s, layout, 1)}; },
               [&](Scratch& sc, int64_t item) {
-    LaneTask t;
-    t.b = item / bands / s.kv_heads;
-    t.hk = item / bands % s.kv_heads;
+    const int64_t b = item / bands / s.kv_heads, hk = item / bands % s.kv_heads;
     const int64_t u0 = item % bands * band_len, u1 = std::min(units, u0 + band_len);
-    t.key_row = sc.lanes.key_row.data();
-    t.bias_row = sc.lanes.bias_row.data();
-    t.row = -1;
-    for (int64_t u = u0; u < u1; ++u) {
-      if (u / n_tiles != t.row) {
-        t.row = u / n_tiles;
-        t.n_rows = KeyRowsOf(s, t.row, sc.lanes.key_row.data(), sc.lanes.bias_row.data());
-        CoverKeyRows(k, v, t.b, t.hk, t.key_row, t.n_rows, sc.kt, sc.vt);
+    LaneBlock blk;
+    int64_t block = -1;
+    // The query rows of q and out that unit u reads and writes.
+    auto prefetch = [&](int64_t u) {
+      const LaneTile& tile = tiles[u % n_tiles];
+      const int64_t lane_step = s.dilation[2] * s.heads * s.dim;
+      for (int64_t i = 0; i < std::min<int64_t>(kRowBlock, rows - u / n_tiles * kRowBlock); ++i) {
+        const int64_t row = row_order[u / n_tiles * kRowBlock + i];
+        const int64_t token = row * s.length[2] + tile.group + tile.first * s.dilation[2];
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t at = ((b * s.tokens() + token) * s.heads + hk * G + g) * s.dim;
+          PrefetchRows<false>(q + at, tile.lanes, lane_step, s.dim);
+          PrefetchRows<true>(out + at, tile.lanes, lane_step, s.dim);
+        }
       }
-      t.tile = &tiles[u % n_tiles];
+    };
+    for (int64_t u = u0; u < u1; ++u) {
+      if (u + 1 < u1) prefetch(u + 1);
+      if (u / n_tiles != block) {
+        block = u / n_tiles;
+        blk.n = std::min<int64_t>(kRowBlock, rows - block * kRowBlock);
+        const int64_t* key_rows[kRowBlock];
+        int64_t n_rows[kRowBlock];
+        for (int64_t i = 0; i < blk.n; ++i) {
+          LaneTask& t = blk.task[i];
+          t.b = b;
+          t.hk = hk;
+          t.row = row_order[block * kRowBlock + i];
+          t.key_row = sc.lanes.key_row.data() + i * sc.lanes.key_rows;
+          t.bias_row = sc.lanes.bias_row.data() + i * sc.lanes.key_rows;
+          t.n_rows = KeyRowsOf(s, t.row, sc.lanes.key_row.data() + i * sc.lanes.key_rows,
+                               sc.lanes.bias_row.data() + i * sc.lanes.key_rows);
+          CoverKeyRows(k, v, b, hk, t.key_row, t.n_rows, sc.kt, sc.vt);
+          key_rows[i] = t.key_row;
+          n_rows[i] = t.n_rows;
+        }
+        blk.n_union = UnionOfKeyRows(blk.n, key_rows, n_rows, sc.lanes.union_row.data(),
+                                     sc.lanes.of.data());
+        blk.union_row = sc.lanes.union_row.data();
+        blk.of = sc.lanes.of.data();
+      }
+      for (int64_t i = 0; i < blk.n; ++i) blk.task[i].tile = &tiles[u % n_tiles];
       for (int64_t g = 0; g < G; ++g) {  // heads sharing the kv head: the same key rows
-        t.h = t.hk * G + g;
-        LaneForwardTile(s, t, sc.kt, sc.vt, q, rpb, scale, sc.lanes, out, lse);
+        for (int64_t i = 0; i < blk.n; ++i) blk.task[i].h = hk * G + g;
+        LaneForwardTile(s, blk, sc.kt, sc.vt, q, rpb, scale, sc.lanes, out, lse);
       }
     }
   });
@@ -424,15 +563,19 @@ inline void LaneBackwardHead(const NaGeometry& s, const LaneTask& t, const Plane
   const float* rows[kLanes];
   float* q_copy = sc.q_rows.data() + g * kLanes * Dp;
   float* dout_copy = sc.dout_rows.data() + g * kLanes * Dp;
+  t.LoadTransposed(s, q, scale, sc.xt.data());
   for (int j = 0; j < kLanes; ++j) rows[j] = t.query_row(s, q, j);
-  StoreTransposed(rows, kLanes, D, scale, sc.xt.data(), kLanes);
   for (int64_t j = 0; j < tile.lanes; ++j) std::copy(rows[j], rows[j] + D, q_copy + j * Dp);
+  t.LoadTransposed(s, dout, 1.0f, sc.yt.data());
   for (int j = 0; j < kLanes; ++j) rows[j] = t.query_row(s, dout, j);
-  StoreTransposed(rows, kLanes, D, 1.0f, sc.yt.data(), kLanes);
   for (int64_t j = 0; j < tile.lanes; ++j) std::copy(rows[j], rows[j] + D, dout_copy + j * Dp);
+  const float* xt = sc.xt.data();
+  const float* yt = sc.yt.data();
   for (int64_t r = 0; r < t.n_rows; ++r) {
-    LaneDots(sc.xt.data(), t.transposed(kt, r), W, D, K2, rel, tile.aligned, p + r * K2 * kLanes);
-    LaneDots(sc.yt.data(), t.transposed(vt, r), W, D, K2, rel, tile.aligned, dp + r * K2 * kLanes);
+    float* p_r = p + r * K2 * kLanes;
+    float* dp_r = dp + r * K2 * kLanes;
+    LaneDots(1, &xt, t.transposed(kt, r), W, D, K2, rel, tile.aligned, &p_r);
+    LaneDots(1, &yt, t.transposed(vt, r), W, D, K2, rel, tile.aligned, &dp_r);
   }
   FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, p);
   const Vf lse_v = LaneStat(s, t, lse);
@@ -457,7 +600,10 @@ inline void LaneBackwardHead(const NaGeometry& s, const LaneTask& t, const Plane
     }
   }
   for (int64_t r = 0; r < t.n_rows; ++r) sc.rows[r] = t.transposed(kt, r);
-  LaneColumnSums(ds, sc.rows.data(), t.n_rows, K2, W, D, rel, tile.aligned, sc.yt.data());
+  const float* ds_c = ds;
+  float* dq_t = sc.yt.data();
+  LaneColumnSums(1, &ds_c, sc.rows.data(), sc.of.data(), t.n_rows, K2, W, D, rel, tile.aligned,
+                 &dq_t);
   const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
   StoreLanesToRows(sc.yt.data(), tile.lanes, D, dq + q0 * D, s.dilation[2] * s.heads * D);
 }
