@@ -135,23 +135,28 @@ struct ColumnLayout {
   static int64_t slack(const NaGeometry& s) { return s.kernel[2] + 64; }
 };
 
-// k or v of one (batch, kv head) transposed per spatial row: a [D][width] matrix per row,
-// whose columns are the row's tokens ordered by dilation group along the last axis (group g
-// from column offset(g)), then zeros, so that a vector load from any window slot stays in
-// bounds. One (batch, kv head) at a time, and each row only when the tiles first need it
-// (Cover), so that the transposed rows are still in the cache while the tiles read them.
+// k or v of a few kv heads of one batch transposed per spatial row: a [D][width] matrix per
+// head and row, whose columns are the row's tokens ordered by dilation group along the last
+// axis (group g from column offset(g)), then zeros, so that a vector load from any window
+// slot stays in bounds. Each row only when the tiles first need it (Cover), all the heads at
+// once: a token's heads lie side by side in memory, so that the rows stream in whole. Rows
+// live in a ring of `ring` slots, as many as the key rows of one block of query rows span
+// (KeyRowSpan): what the tiles read stays in the cache, and so do the slots the next rows
+// are written to.
 class PlaneTransposed {
  public:
-  // buffer: the CallScratch slot to use.
-  PlaneTransposed(const NaGeometry& s, const ColumnLayout& layout, int buffer)
-      : s_(s), rows_(s.length[0] * s.length[1]), width_(layout.width), offset_(layout.offset),
-        storage_(buffer, static_cast<size_t>(rows_ * s.dim * width_ + ColumnLayout::slack(s))),
+  // Room for `heads` kv heads; buffer: the CallScratch slot to use.
+  PlaneTransposed(const NaGeometry& s, const ColumnLayout& layout, int64_t ring, int64_t heads,
+                  int buffer)
+      : s_(s), rows_(s.length[0] * s.length[1]), ring_(std::min(ring, rows_)),
+        width_(layout.width), slots_(heads * ring_), offset_(layout.offset),
+        storage_(buffer, static_cast<size_t>(slots_ * s.dim * width_ + ColumnLayout::slack(s))),
         data_(storage_.data()) {
-    std::fill(data_ + rows_ * s.dim * width_,
-              data_ + rows_ * s.dim * width_ + ColumnLayout::slack(s), 0.0f);
+    std::fill(data_ + slots_ * s.dim * width_,
+              data_ + slots_ * s.dim * width_ + ColumnLayout::slack(s), 0.0f);
     // Zeros outside the groups, once: Fill writes only the groups' columns.
     const int64_t L2 = s.length[2], dil = s.dilation[2];
-    for (int64_t c = 0; c < rows_ * s.dim; ++c) {
+    for (int64_t c = 0; c < slots_ * s.dim; ++c) {
       float* col = data_ + c * width_;
       std::fill(col, col + offset_[0], 0.0f);
       for (int64_t g = 0; g < dil; ++g) {
@@ -159,57 +164,77 @@ class PlaneTransposed {
         std::fill(col + group_end, col + (g + 1 < dil ? offset_[g + 1] : width_), 0.0f);
       }
     }
-}
+  }
 
-  // Makes spatial rows [row_begin, row_end) of (b, hk) of x [B, tokens, Hkv, D] readable,
-  // transposing those not done since the plane last changed (rows in between included).
-  void Cover(const float* x, int64_t b, int64_t hk, int64_t row_begin, int64_t row_end) {
-    if (b != b_ || hk != hk_) {
+  // Makes spatial rows [row_begin, row_end) of kv heads [hk0, hk0 + heads) of batch b of x
+  // [B, tokens, Hkv, D] readable (row_end - row_begin <= ring, heads <= the room), transposing
+  // those not held (rows in between included); rows held before may be dropped.
+  void Cover(const float* x, int64_t b, int64_t hk0, int64_t heads, int64_t row_begin,
+             int64_t row_end) {
+    if (b != b_ || hk0 != hk0_ || heads != heads_ || row_end <= lo_ || row_begin >= hi_) {
       b_ = b;
-      hk_ = hk;
-      lo_ = hi_ = row_begin;
+      hk0_ = hk0;
+      heads_ = heads;
+      lo_ = hi_ = ahead_ = row_begin;
     }
-    if (row_begin < lo_) {
+    if (row_begin < lo_) {  // the slots of rows from row_begin + ring on are reused
       Fill(x, row_begin, lo_);
       lo_ = row_begin;
+      hi_ = std::min(hi_, lo_ + ring_);
     }
     if (row_end > hi_) {
       Fill(x, hi_, row_end);
-      // The rows that come next, as many as were needed now.
-      const int64_t next = std::min(rows_, 2 * row_end - hi_);
-      const int64_t Hkv = s_.kv_heads, D = s_.dim, L2 = s_.length[2];
-      PrefetchRows<false>(x + ((b_ * s_.tokens() + row_end * L2) * Hkv + hk_) * D,
-                          (next - row_end) * L2, Hkv * D, D);
       hi_ = row_end;
+      lo_ = std::max(lo_, hi_ - ring_);
+      // The next few rows, on their way while the tiles work on these.
+      const int64_t from = std::max(ahead_, row_end), to = std::min(rows_, row_end + kAheadRows);
+      const int64_t Hkv = s_.kv_heads, D = s_.dim, L2 = s_.length[2];
+      if (from < to) {
+        PrefetchRows<false>(x + ((b_ * s_.tokens() + from * L2) * Hkv + hk0_) * D,
+                            (to - from) * L2, Hkv * D, heads_ * D);
+        ahead_ = to;
+      }
     }
   }
 
-  // Spatial row `row` (= x0 * L1 + x1): [D][width].
-  float* Row(int64_t row) const { return data_ + row * s_.dim * width_; }
+  // Spatial row `row` (= x0 * L1 + x1) of kv head hk, one that Cover made readable:
+  // [D][width].
+  float* Row(int64_t hk, int64_t row) const {
+    return data_ + ((hk - hk0_) * ring_ + row % ring_) * s_.dim * width_;
+  }
   int64_t width() const { return width_; }
   int64_t offset(int64_t group) const { return offset_[group]; }
 
+  // Floats one kv head of the ring takes.
+  static int64_t HeadFloats(const NaGeometry& s, const ColumnLayout& layout, int64_t ring) {
+    return std::min(ring, s.length[0] * s.length[1]) * s.dim * layout.width;
+  }
+
  private:
-  // Transposes spatial rows [row_begin, row_end) of (b_, hk_).
+  // Transposes spatial rows [row_begin, row_end) of the heads.
   void Fill(const float* x, int64_t row_begin, int64_t row_end) {
     const int64_t L2 = s_.length[2], dil = s_.dilation[2], D = s_.dim, Hkv = s_.kv_heads;
     for (int64_t row = row_begin; row < row_end; ++row) {
-      const float* src = x + ((b_ * s_.tokens() + row * L2) * Hkv + hk_) * D;
-      float* dst = Row(row);
+      const float* src = x + ((b_ * s_.tokens() + row * L2) * Hkv + hk0_) * D;
       for (int64_t g = 0; g < dil; ++g) {
         const int64_t lg = GroupLength(L2, dil, g);
         for (int64_t c = 0; c < lg; c += kLanes) {
           const int64_t n = std::min<int64_t>(kLanes, lg - c);
-          StoreTransposed(src + (g + c * dil) * Hkv * D, dil * Hkv * D, n, D, 1.0f,
-                          dst + offset_[g] + c, width_, n);
+          for (int64_t h = 0; h < heads_; ++h) {
+            StoreTransposed(src + (g + c * dil) * Hkv * D + h * D, dil * Hkv * D, n, D, 1.0f,
+                            Row(hk0_ + h, row) + offset_[g] + c, width_, n);
+          }
         }
       }
     }
   }
 
+  static constexpr int64_t kAheadRows = 4;  // rows prefetched past those transposed
   const NaGeometry& s_;
-  int64_t rows_, width_;
-  int64_t b_ = -1, hk_ = -1, lo_ = 0, hi_ = 0;  // the plane, and its rows transposed so far
+  int64_t rows_, ring_, width_, slots_;
+  int64_t b_ = -1, hk0_ = -1, heads_ = 0;  // the heads held
+  int64_t lo_ = 0, hi_ = 0;                // and their rows
+  int64_t ahead_ = 0;                      // rows prefetched: up to here
   std::vector<int64_t> offset_;
   CallScratch storage_;
   float* data_;
@@ -234,13 +259,14 @@ inline int64_t KeyRowsOf(const NaGeometry& s, int64_t row, int64_t* key_row, int
   return n;
 }
 
-// Transposes into kt and vt the key rows key_row[0 .. n) of (b, hk) that they lack.
-inline void CoverKeyRows(const float* k, const float* v, int64_t b, int64_t hk,
+// Transposes into kt and vt the key rows key_row[0 .. n) of kv heads [hk0, hk0 + heads) of
+// batch b that they lack.
+inline void CoverKeyRows(const float* k, const float* v, int64_t b, int64_t hk0, int64_t heads,
                          const int64_t* key_row, int64_t n, PlaneTransposed& kt,
                          PlaneTransposed& vt) {
   const auto [first, last] = std::minmax_element(key_row, key_row + n);
-  kt.Cover(k, b, hk, *first, *last + 1);
-  vt.Cover(v, b, hk, *first, *last + 1);
+  kt.Cover(k, b, hk0, heads, *first, *last + 1);
+  vt.Cover(v, b, hk0, heads, *first, *last + 1);
 }
 
 // The spatial rows in the order they are blocked (kRowBlock consecutive ones run together):
@@ -280,6 +306,24 @@ inline int64_t UnionOfKeyRows(int64_t n, const int64_t* const* key_row, const in
   }
 }
 
+// The most spatial rows, first to last, that the key rows of one block of query rows
+// (BlockedRowOrder) span: the ring a PlaneTransposed needs, for blocks and single rows alike.
+inline int64_t KeyRowSpan(const NaGeometry& s) {
+  const std::vector<int64_t> order = BlockedRowOrder(s);
+  std::vector<int64_t> key_row(s.kernel[0] * s.kernel[1]), bias_row(key_row.size());
+  int64_t span = 1;
+  for (size_t block = 0; block < order.size(); block += kRowBlock) {
+    int64_t first = s.length[0] * s.length[1], last = -1;
+    for (size_t i = block; i < std::min(order.size(), block + kRowBlock); ++i) {
+      const int64_t n = KeyRowsOf(s, order[i], key_row.data(), bias_row.data());
+      first = std::min(first, key_row[0]);
+      last = std::max(last, key_row[n - 1]);
+    }
+    span = std::max(span, last - first + 1);
+  }
+  return span;
+}
+
 // Where one tile of one head lives: its queries' token rows and the key rows of its windows.
 struct LaneTask {
   const LaneTile* tile = nullptr;
@@ -308,7 +352,7 @@ struct LaneTask {
   }
   // The same for spatial row `key`.
   const float* window(const PlaneTransposed& t, int64_t key) const {
-    return t.Row(key) + t.offset(tile->group) + tile->start0;
+    return t.Row(hk, key) + t.offset(tile->group) + tile->start0;
   }
   // Key row r's token at group column c, in a [B, tokens, Hkv, D] tensor: its index.
   int64_t key_token(const NaGeometry& s, int64_t r, int64_t c) const {
@@ -462,11 +506,19 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
   std::vector<LaneTile> tiles = LaneTilesOfRow(s);
   const ColumnLayout layout(s, tiles);
   const std::vector<int64_t> row_order = BlockedRowOrder(s);
+  const int64_t ring = KeyRowSpan(s);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()), rows = s.length[0] * s.length[1];
   const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
-  const int64_t G = s.group(), planes = s.batch * s.kv_heads, units = n_blocks * n_tiles;
+  const int64_t G = s.group(), units = n_blocks * n_tiles;
+  // kv heads that run together: as many as keep their transposed rows (k and v) within
+  // kHeadsBytes, so that they stay in the L2 cache.
+  constexpr double kHeadsBytes = 640 * 1024;
+  const int64_t head_bytes = 2 * 4 * PlaneTransposed::HeadFloats(s, layout, ring);
+  const int64_t chunk = std::clamp<int64_t>(static_cast<int64_t>(kHeadsBytes / head_bytes), 1,
+                                            s.kv_heads);
+  const int64_t chunks = (s.kv_heads + chunk - 1) / chunk, planes = s.batch * chunks;
   const bool threads = WorthThreads(s);
-  // Each worker transposes the (batch, kv head) planes it works on into its own buffers, so
+  // Each worker transposes the (batch, kv heads) planes it works on into its own buffers, so
   // that workers meet only at the end: on a busy machine every barrier waits for whichever
   // thread was descheduled. With fewer planes than workers, planes are split into bands of
   // (row block, tile) units, each transposing only the key rows its windows cover.
@@ -478,27 +530,29 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
     PlaneTransposed kt, vt;
   };
   ForEachItem(workers, threads, planes * bands,
-              [&] { return Scratch{LaneScratch(s, kRowBlock), PlaneTransposed(s, layout, 0),
-                                   PlaneTransposed(s, layout, 1)}; },
+              [&] {
+                return Scratch{LaneScratch(s, kRowBlock),
+                               PlaneTransposed(s, layout, ring, chunk, 0),
+                               PlaneTransposed(s, layout, ring, chunk, 1)};
+              },
               [&](Scratch& sc, int64_t item) {
-    const int64_t b = item / bands / s.kv_heads, hk = item / bands % s.kv_heads;
+    const int64_t b = item / bands / chunks, hk0 = item / bands % chunks * chunk;
+    const int64_t heads = std::min(chunk, s.kv_heads - hk0);
     const int64_t u0 = item % bands * band_len, u1 = std::min(units, u0 + band_len);
-    LaneBlock blk;
-    int64_t block = -1;
-    // The query rows of q and out that unit u reads and writes.
+    // The query rows of q and out that unit u reads and writes, all heads.
     auto prefetch = [&](int64_t u) {
       const LaneTile& tile = tiles[u % n_tiles];
       const int64_t lane_step = s.dilation[2] * s.heads * s.dim;
       for (int64_t i = 0; i < std::min<int64_t>(kRowBlock, rows - u / n_tiles * kRowBlock); ++i) {
         const int64_t row = row_order[u / n_tiles * kRowBlock + i];
         const int64_t token = row * s.length[2] + tile.group + tile.first * s.dilation[2];
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t at = ((b * s.tokens() + token) * s.heads + hk * G + g) * s.dim;
-          PrefetchRows<false>(q + at, tile.lanes, lane_step, s.dim);
-          PrefetchRows<true>(out + at, tile.lanes, lane_step, s.dim);
-        }
+        const int64_t at = ((b * s.tokens() + token) * s.heads + hk0 * G) * s.dim;
+        PrefetchRows<false>(q + at, tile.lanes, lane_step, heads * G * s.dim);
+        PrefetchRows<true>(out + at, tile.lanes, lane_step, heads * G * s.dim);
       }
     };
+    LaneBlock blk;
+    int64_t block = -1;
     for (int64_t u = u0; u < u1; ++u) {
       if (u + 1 < u1) prefetch(u + 1);
       if (u / n_tiles != block) {
@@ -509,25 +563,30 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
         for (int64_t i = 0; i < blk.n; ++i) {
           LaneTask& t = blk.task[i];
           t.b = b;
-          t.hk = hk;
           t.row = row_order[block * kRowBlock + i];
           t.key_row = sc.lanes.key_row.data() + i * sc.lanes.key_rows;
           t.bias_row = sc.lanes.bias_row.data() + i * sc.lanes.key_rows;
           t.n_rows = KeyRowsOf(s, t.row, sc.lanes.key_row.data() + i * sc.lanes.key_rows,
                                sc.lanes.bias_row.data() + i * sc.lanes.key_rows);
-          CoverKeyRows(k, v, b, hk, t.key_row, t.n_rows, sc.kt, sc.vt);
           key_rows[i] = t.key_row;
           n_rows[i] = t.n_rows;
         }
         blk.n_union = UnionOfKeyRows(blk.n, key_rows, n_rows, sc.lanes.union_row.data(),
                                      sc.lanes.of.data());
+        CoverKeyRows(k, v, b, hk0, heads, sc.lanes.union_row.data(), blk.n_union, sc.kt,
+                     sc.vt);
         blk.union_row = sc.lanes.union_row.data();
         blk.of = sc.lanes.of.data();
       }
       for (int64_t i = 0; i < blk.n; ++i) blk.task[i].tile = &tiles[u % n_tiles];
-      for (int64_t g = 0; g < G; ++g) {  // heads sharing the kv head: the same key rows
-        for (int64_t i = 0; i < blk.n; ++i) blk.task[i].h = hk * G + g;
-        LaneForwardTile(s, blk, sc.kt, sc.vt, q, rpb, scale, sc.lanes, out, lse);
+      for (int64_t hk = hk0; hk < hk0 + heads; ++hk) {
+        for (int64_t g = 0; g < G; ++g) {  // heads sharing the kv head: the same key rows
+          for (int64_t i = 0; i < blk.n; ++i) {
+            blk.task[i].hk = hk;
+            blk.task[i].h = hk * G + g;
+          }
+          LaneForwardTile(s, blk, sc.kt, sc.vt, q, rpb, scale, sc.lanes, out, lse);
+        }
       }
     }
   });
@@ -678,6 +737,7 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
                               float scale, float* dq, float* dk, float* dv, float* drpb) {
   std::vector<LaneTile> tiles = LaneTilesOfRow(s);
   const ColumnLayout layout(s, tiles);
+  const int64_t ring = KeyRowSpan(s);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()), rows = s.length[0] * s.length[1];
   const int64_t G = s.group(), RR = s.rpb_size();
   struct Scratch {
@@ -687,8 +747,8 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
   ForEachScatterItem(s, workers, rows * n_tiles, PaddedDim(s), dk, dv,
                      rpb != nullptr ? drpb : nullptr,
                      [&] {
-                       return Scratch{LaneScratch(s, G), PlaneTransposed(s, layout, 0),
-                                      PlaneTransposed(s, layout, 1)};
+                       return Scratch{LaneScratch(s, G), PlaneTransposed(s, layout, ring, 1, 0),
+                                      PlaneTransposed(s, layout, ring, 1, 1)};
                      },
                      [&](Scratch& sc, const ScatterItem& it) {
     int64_t last_row = -1, n_rows = 0;
@@ -700,7 +760,7 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
       t.hk = it.hk;
       if (t.row != last_row) {
         n_rows = KeyRowsOf(s, t.row, sc.lanes.key_row.data(), sc.lanes.bias_row.data());
-        CoverKeyRows(k, v, it.b, it.hk, sc.lanes.key_row.data(), n_rows, sc.kt, sc.vt);
+        CoverKeyRows(k, v, it.b, it.hk, 1, sc.lanes.key_row.data(), n_rows, sc.kt, sc.vt);
         last_row = t.row;
       }
       t.n_rows = n_rows;
