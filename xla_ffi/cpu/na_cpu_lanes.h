@@ -101,6 +101,16 @@ inline void PrefetchRows(const float* x, int64_t n, int64_t stride, int64_t D) {
   }
 }
 
+// PrefetchRows of the tile's queries in spatial row `row` of batch b of x [B, tokens, H, D]:
+// heads [h0, h0 + heads), side by side.
+template <bool kWrite>
+inline void PrefetchTile(const NaGeometry& s, const float* x, int64_t b, int64_t row,
+                         const LaneTile& tile, int64_t h0, int64_t heads) {
+  const int64_t token = row * s.length[2] + tile.group + tile.first * s.dilation[2];
+  PrefetchRows<kWrite>(x + ((b * s.tokens() + token) * s.heads + h0) * s.dim, tile.lanes,
+                       s.dilation[2] * s.heads * s.dim, heads * s.dim);
+}
+
 // Columns of the transposed rows: group g of the last axis from column offset[g]. Each group
 // starts where its interior tiles' windows begin on a 64-byte boundary, so those tiles read
 // aligned vectors and shift them in registers (LaneDots, LaneColumnSums). Gaps are zeros.
@@ -346,11 +356,7 @@ struct LaneTask {
     StoreTransposed(query_row(s, x, 0), s.dilation[2] * s.heads * s.dim, tile->lanes, s.dim,
                     scale, xt, kLanes, kLanes);
   }
-  // Key row r's slot-0 column of lane 0, in a transposed kv plane of (b, hk).
-  const float* transposed(const PlaneTransposed& t, int64_t r) const {
-    return window(t, key_row[r]);
-  }
-  // The same for spatial row `key`.
+  // Spatial row key's slot-0 column of lane 0, in transposed kv rows holding kv head hk.
   const float* window(const PlaneTransposed& t, int64_t key) const {
     return t.Row(hk, key) + t.offset(tile->group) + tile->start0;
   }
@@ -360,15 +366,15 @@ struct LaneTask {
   }
 };
 
-// Per-thread buffers; lane matrices are 64-byte aligned. `matrices` of each kind: the heads
-// of a tile (backward) or the query rows of a block (forward).
+// Per-thread buffers; lane matrices are 64-byte aligned. `matrices` of each kind: the query
+// rows of a block (forward), times the heads of a kv head (backward).
 struct LaneScratch {
   int64_t slots;  // the window size: rows of a logits lane matrix
   int64_t key_rows;  // of one query row: K0 * K1
   // Per query row of a block: key rows and their rpb offsets, key_rows apart.
   std::vector<int64_t> key_row, bias_row;
   std::vector<int64_t> union_row;  // the block's key rows
-  std::vector<KeyRowOf> of;        // which query rows see each (at first: row 0 sees row r)
+  std::vector<KeyRowOf> of;        // which query rows see each
   std::vector<const float*> rows;  // one pointer per key row
   AlignedFloats xt, yt, buf;  // xt, yt: [matrices][D][kLanes]
   // [matrices][kLanes][PaddedDim] compact copies of the tile's q and dout rows (backward),
@@ -378,24 +384,21 @@ struct LaneScratch {
   AlignedFloats q_rows, dout_rows;
   float* s0;  // [matrices][slots][kLanes] logits, probabilities
   float* s1;  // [matrices][slots][kLanes] second lane matrix (backward: scaled ds)
-  float* s2;  // [slots][kLanes] temporary
+  float* s2;  // [kRowBlock][slots][kLanes] temporary
   float* stat;  // [4][kLanes] per-lane statistics
 
   LaneScratch(const NaGeometry& s, int64_t matrices)
       : slots(s.window()), key_rows(s.kernel[0] * s.kernel[1]),
         key_row(kRowBlock * key_rows), bias_row(key_row.size()), union_row(key_row.size()),
         of(key_row.size()), rows(key_row.size()), xt(matrices * s.dim * kLanes),
-        yt(matrices * s.dim * kLanes), buf((2 * matrices + 1) * slots * kLanes + 4 * kLanes),
+        yt(matrices * s.dim * kLanes),
+        buf((2 * matrices + kRowBlock) * slots * kLanes + 4 * kLanes),
         q_rows(matrices * kLanes * PaddedDim(s), true),
         dout_rows(matrices * kLanes * PaddedDim(s), true) {
     s0 = buf.data();
     s1 = s0 + matrices * slots * kLanes;
     s2 = s1 + matrices * slots * kLanes;
-    stat = s2 + slots * kLanes;
-    for (size_t r = 0; r < of.size(); ++r) {  // one query row reading its own key rows
-      of[r].mask = 1;
-      of[r].at[0] = static_cast<int32_t>(r);
-    }
+    stat = s2 + kRowBlock * slots * kLanes;
   }
 };
 
@@ -438,14 +441,66 @@ struct LaneBlock {
   const KeyRowOf* of = nullptr;
 };
 
+// Sets up blk for block `block` of the blocked row order in batch b: its query rows' key rows
+// and their union (in sc).
+inline void StartBlock(const NaGeometry& s, const std::vector<int64_t>& row_order,
+                       int64_t block, int64_t b, LaneScratch& sc, LaneBlock& blk) {
+  blk.n = std::min<int64_t>(kRowBlock, static_cast<int64_t>(row_order.size()) - block * kRowBlock);
+  const int64_t* key_rows[kRowBlock];
+  int64_t n_rows[kRowBlock];
+  for (int64_t i = 0; i < blk.n; ++i) {
+    LaneTask& t = blk.task[i];
+    t.b = b;
+    t.row = row_order[block * kRowBlock + i];
+    t.key_row = sc.key_row.data() + i * sc.key_rows;
+    t.bias_row = sc.bias_row.data() + i * sc.key_rows;
+    t.n_rows = KeyRowsOf(s, t.row, sc.key_row.data() + i * sc.key_rows,
+                         sc.bias_row.data() + i * sc.key_rows);
+    key_rows[i] = t.key_row;
+    n_rows[i] = t.n_rows;
+  }
+  blk.n_union = UnionOfKeyRows(blk.n, key_rows, n_rows, sc.union_row.data(), sc.of.data());
+  blk.union_row = sc.union_row.data();
+  blk.of = sc.of.data();
+}
+
+// LaneDots of every key row of the block's union against the transposed plane t, for the
+// query rows that see it: out[i] += xt[i] . key rows, at query row i's slots.
+inline void BlockDots(const NaGeometry& s, const LaneBlock& blk, const PlaneTransposed& t,
+                      float* const* xt, float* const* out) {
+  const LaneTile& tile = *blk.task[0].tile;
+  const int64_t K2 = s.kernel[2];
+  for (int64_t u = 0; u < blk.n_union; ++u) {  // each key row once for the rows that see it
+    const float* x[kRowBlock];
+    float* out_u[kRowBlock];
+    int64_t m = 0;
+    for (int64_t i = 0; i < blk.n; ++i) {
+      if (blk.of[u].mask >> i & 1) {
+        x[m] = xt[i];
+        out_u[m++] = out[i] + blk.of[u].at[i] * K2 * kLanes;
+      }
+    }
+    LaneDots(m, x, blk.task[0].window(t, blk.union_row[u]), t.width(), s.dim, K2,
+             tile.shifted ? nullptr : tile.rel, tile.aligned, out_u);
+  }
+}
+
+// LaneColumnSums of the weights w[i] of the block's query rows over the union's key rows of
+// the transposed plane t, into out[i].
+inline void BlockColumnSums(const NaGeometry& s, const LaneBlock& blk, const PlaneTransposed& t,
+                            float* const* w, LaneScratch& sc, float* const* out) {
+  const LaneTile& tile = *blk.task[0].tile;
+  for (int64_t u = 0; u < blk.n_union; ++u) sc.rows[u] = blk.task[0].window(t, blk.union_row[u]);
+  LaneColumnSums(blk.n, w, sc.rows.data(), blk.of, blk.n_union, s.kernel[2], t.width(), s.dim,
+                 tile.shifted ? nullptr : tile.rel, tile.aligned, out);
+}
+
 // One tile of one head in the query rows of a block: out and lse of their queries.
 inline void LaneForwardTile(const NaGeometry& s, const LaneBlock& blk, const PlaneTransposed& kt,
                             const PlaneTransposed& vt, const float* q, const float* rpb,
                             float scale, LaneScratch& sc, float* out, float* lse) {
-  const LaneTask& t0 = blk.task[0];
-  const LaneTile& tile = *t0.tile;
-  const int64_t K2 = s.kernel[2], W = kt.width(), D = s.dim;
-  const int32_t* rel = tile.shifted ? nullptr : tile.rel;
+  const LaneTile& tile = *blk.task[0].tile;
+  const int64_t K2 = s.kernel[2], D = s.dim;
   float* xt[kRowBlock];
   float* logit[kRowBlock];
   float* yt[kRowBlock];
@@ -455,18 +510,7 @@ inline void LaneForwardTile(const NaGeometry& s, const LaneBlock& blk, const Pla
     yt[i] = sc.yt.data() + i * D * kLanes;
     blk.task[i].LoadTransposed(s, q, scale, xt[i]);
   }
-  for (int64_t u = 0; u < blk.n_union; ++u) {  // each key row once for the rows that see it
-    const float* x[kRowBlock];
-    float* logit_u[kRowBlock];
-    int64_t m = 0;
-    for (int64_t i = 0; i < blk.n; ++i) {
-      if (blk.of[u].mask >> i & 1) {
-        x[m] = xt[i];
-        logit_u[m++] = logit[i] + blk.of[u].at[i] * K2 * kLanes;
-      }
-    }
-    LaneDots(m, x, t0.window(kt, blk.union_row[u]), W, D, K2, rel, tile.aligned, logit_u);
-  }
+  BlockDots(s, blk, kt, xt, logit);
   Vf m[kRowBlock], sum[kRowBlock];
   for (int64_t i = 0; i < blk.n; ++i) {
     const LaneTask& t = blk.task[i];
@@ -479,9 +523,7 @@ inline void LaneForwardTile(const NaGeometry& s, const LaneBlock& blk, const Pla
       sum[i] += e;
     }
   }
-  for (int64_t u = 0; u < blk.n_union; ++u) sc.rows[u] = t0.window(vt, blk.union_row[u]);
-  LaneColumnSums(blk.n, logit, sc.rows.data(), blk.of, blk.n_union, K2, W, D, rel,
-                 tile.aligned, yt);
+  BlockColumnSums(s, blk, vt, logit, sc, yt);
   for (int64_t i = 0; i < blk.n; ++i) {
     const LaneTask& t = blk.task[i];
     const Vf inv = Set1(1.0f) / sum[i];
@@ -542,13 +584,10 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
     // The query rows of q and out that unit u reads and writes, all heads.
     auto prefetch = [&](int64_t u) {
       const LaneTile& tile = tiles[u % n_tiles];
-      const int64_t lane_step = s.dilation[2] * s.heads * s.dim;
       for (int64_t i = 0; i < std::min<int64_t>(kRowBlock, rows - u / n_tiles * kRowBlock); ++i) {
         const int64_t row = row_order[u / n_tiles * kRowBlock + i];
-        const int64_t token = row * s.length[2] + tile.group + tile.first * s.dilation[2];
-        const int64_t at = ((b * s.tokens() + token) * s.heads + hk0 * G) * s.dim;
-        PrefetchRows<false>(q + at, tile.lanes, lane_step, heads * G * s.dim);
-        PrefetchRows<true>(out + at, tile.lanes, lane_step, heads * G * s.dim);
+        PrefetchTile<false>(s, q, b, row, tile, hk0 * G, heads * G);
+        PrefetchTile<true>(s, out, b, row, tile, hk0 * G, heads * G);
       }
     };
     LaneBlock blk;
@@ -557,26 +596,8 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
       if (u + 1 < u1) prefetch(u + 1);
       if (u / n_tiles != block) {
         block = u / n_tiles;
-        blk.n = std::min<int64_t>(kRowBlock, rows - block * kRowBlock);
-        const int64_t* key_rows[kRowBlock];
-        int64_t n_rows[kRowBlock];
-        for (int64_t i = 0; i < blk.n; ++i) {
-          LaneTask& t = blk.task[i];
-          t.b = b;
-          t.row = row_order[block * kRowBlock + i];
-          t.key_row = sc.lanes.key_row.data() + i * sc.lanes.key_rows;
-          t.bias_row = sc.lanes.bias_row.data() + i * sc.lanes.key_rows;
-          t.n_rows = KeyRowsOf(s, t.row, sc.lanes.key_row.data() + i * sc.lanes.key_rows,
-                               sc.lanes.bias_row.data() + i * sc.lanes.key_rows);
-          key_rows[i] = t.key_row;
-          n_rows[i] = t.n_rows;
-        }
-        blk.n_union = UnionOfKeyRows(blk.n, key_rows, n_rows, sc.lanes.union_row.data(),
-                                     sc.lanes.of.data());
-        CoverKeyRows(k, v, b, hk0, heads, sc.lanes.union_row.data(), blk.n_union, sc.kt,
-                     sc.vt);
-        blk.union_row = sc.lanes.union_row.data();
-        blk.of = sc.lanes.of.data();
+        StartBlock(s, row_order, block, b, sc.lanes, blk);
+        CoverKeyRows(k, v, b, hk0, heads, blk.union_row, blk.n_union, sc.kt, sc.vt);
       }
       for (int64_t i = 0; i < blk.n; ++i) blk.task[i].tile = &tiles[u % n_tiles];
       for (int64_t hk = hk0; hk < hk0 + heads; ++hk) {
@@ -604,75 +625,80 @@ inline Vf LaneStat(const NaGeometry& s, const LaneTask& t, const float* x) {
   return r;
 }
 
-// One head of one tile: probabilities p (into sc.s0 + g * slots * kLanes) and scale * ds
-// (into sc.s1 + ...), the rpb gradient of the head (rpb_grad, or nullptr), and dq of its
-// queries.
-inline void LaneBackwardHead(const NaGeometry& s, const LaneTask& t, const PlaneTransposed& kt,
+// Head g (of the kv head's G) of one tile in the query rows of a block: for query row i,
+// probabilities p (into sc.s0 + (i * G + g) * slots * kLanes) and scale * ds (into sc.s1 +
+// ...), compact copies of its q and dout rows (sc.q_rows, sc.dout_rows + (i * G + g) * kLanes
+// * Dp), and dq of its queries; and the rpb gradient of the head (rpb_grad, or nullptr).
+inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const PlaneTransposed& kt,
                              const PlaneTransposed& vt, const float* q, const float* rpb,
                              const float* dout, const float* lse, const float* delta,
                              float scale, int64_t g, LaneScratch& sc, float* rpb_grad,
                              float* dq) {
-  const LaneTile& tile = *t.tile;
-  const int64_t K2 = s.kernel[2], W = kt.width(), D = s.dim, Dp = PaddedDim(s);
-  const int64_t n_slots = t.n_rows * K2;
-  const int32_t* rel = tile.shifted ? nullptr : tile.rel;
-  float* p = sc.s0 + g * sc.slots * kLanes;
-  float* ds = sc.s1 + g * sc.slots * kLanes;
-  float* dp = sc.s2;
-  const float* rows[kLanes];
-  float* q_copy = sc.q_rows.data() + g * kLanes * Dp;
-  float* dout_copy = sc.dout_rows.data() + g * kLanes * Dp;
-  t.LoadTransposed(s, q, scale, sc.xt.data());
-  for (int j = 0; j < kLanes; ++j) rows[j] = t.query_row(s, q, j);
-  for (int64_t j = 0; j < tile.lanes; ++j) std::copy(rows[j], rows[j] + D, q_copy + j * Dp);
-  t.LoadTransposed(s, dout, 1.0f, sc.yt.data());
-  for (int j = 0; j < kLanes; ++j) rows[j] = t.query_row(s, dout, j);
-  for (int64_t j = 0; j < tile.lanes; ++j) std::copy(rows[j], rows[j] + D, dout_copy + j * Dp);
-  const float* xt = sc.xt.data();
-  const float* yt = sc.yt.data();
-  for (int64_t r = 0; r < t.n_rows; ++r) {
-    float* p_r = p + r * K2 * kLanes;
-    float* dp_r = dp + r * K2 * kLanes;
-    LaneDots(1, &xt, t.transposed(kt, r), W, D, K2, rel, tile.aligned, &p_r);
-    LaneDots(1, &yt, t.transposed(vt, r), W, D, K2, rel, tile.aligned, &dp_r);
+  const LaneTile& tile = *blk.task[0].tile;
+  const int64_t K2 = s.kernel[2], D = s.dim, Dp = PaddedDim(s), G = s.group();
+  float* xt[kRowBlock];
+  float* yt[kRowBlock];
+  float* p[kRowBlock];
+  float* ds[kRowBlock];
+  float* dp[kRowBlock];
+  for (int64_t i = 0; i < blk.n; ++i) {
+    const LaneTask& t = blk.task[i];
+    xt[i] = sc.xt.data() + i * D * kLanes;
+    yt[i] = sc.yt.data() + i * D * kLanes;
+    p[i] = sc.s0 + (i * G + g) * sc.slots * kLanes;
+    ds[i] = sc.s1 + (i * G + g) * sc.slots * kLanes;
+    dp[i] = sc.s2 + i * sc.slots * kLanes;
+    float* q_copy = sc.q_rows.data() + (i * G + g) * kLanes * Dp;
+    float* dout_copy = sc.dout_rows.data() + (i * G + g) * kLanes * Dp;
+    t.LoadTransposed(s, q, scale, xt[i]);
+    t.LoadTransposed(s, dout, 1.0f, yt[i]);
+    for (int64_t j = 0; j < tile.lanes; ++j) {
+      std::copy(t.query_row(s, q, j), t.query_row(s, q, j) + D, q_copy + j * Dp);
+      std::copy(t.query_row(s, dout, j), t.query_row(s, dout, j) + D, dout_copy + j * Dp);
+    }
   }
-  FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, p);
-  const Vf lse_v = LaneStat(s, t, lse);
-  const Vf delta_v = LaneStat(s, t, delta);
+  BlockDots(s, blk, kt, xt, p);
+  BlockDots(s, blk, vt, yt, dp);
   const Vi count = LoadI(tile.count);
-  for (int64_t n = 0; n < n_slots; ++n) {
-    // Masked slots hold -inf logits: p = 0 there, and ds = 0 whatever dp holds.
-    const Vi valid = count > Set1I(static_cast<int32_t>(n % K2));
-    const Vf pv = Select(valid, Exp(Load(p + n * kLanes) - lse_v), Vf{});
-    const Vf dsv = Select(valid, pv * (Load(dp + n * kLanes) - delta_v), Vf{});
-    Store(p + n * kLanes, pv);
-    Store(ds + n * kLanes, Set1(scale) * dsv);
-    if (rpb_grad != nullptr) {  // dsv is 0 at masked slots
-      float* bias = rpb_grad + t.bias_row[n / K2] + n % K2;
-      if (tile.same_rpb) {
-        float sum = 0.0f;
-        for (int64_t j = 0; j < tile.lanes; ++j) sum += dsv[j];
-        bias[tile.rpb0[0]] += sum;
-      } else {
-        for (int64_t j = 0; j < tile.lanes; ++j) bias[tile.rpb0[j]] += dsv[j];
+  for (int64_t i = 0; i < blk.n; ++i) {
+    const LaneTask& t = blk.task[i];
+    FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, p[i]);
+    const Vf lse_v = LaneStat(s, t, lse);
+    const Vf delta_v = LaneStat(s, t, delta);
+    for (int64_t n = 0; n < t.n_rows * K2; ++n) {
+      // Masked slots hold -inf logits: p = 0 there, and ds = 0 whatever dp holds.
+      const Vi valid = count > Set1I(static_cast<int32_t>(n % K2));
+      const Vf pv = Select(valid, Exp(Load(p[i] + n * kLanes) - lse_v), Vf{});
+      const Vf dsv = Select(valid, pv * (Load(dp[i] + n * kLanes) - delta_v), Vf{});
+      Store(p[i] + n * kLanes, pv);
+      Store(ds[i] + n * kLanes, Set1(scale) * dsv);
+      if (rpb_grad != nullptr) {  // dsv is 0 at masked slots
+        float* bias = rpb_grad + t.bias_row[n / K2] + n % K2;
+        if (tile.same_rpb) {
+          float sum = 0.0f;
+          for (int64_t j = 0; j < tile.lanes; ++j) sum += dsv[j];
+          bias[tile.rpb0[0]] += sum;
+        } else {
+          for (int64_t j = 0; j < tile.lanes; ++j) bias[tile.rpb0[j]] += dsv[j];
+        }
       }
     }
   }
-  for (int64_t r = 0; r < t.n_rows; ++r) sc.rows[r] = t.transposed(kt, r);
-  const float* ds_c = ds;
-  float* dq_t = sc.yt.data();
-  LaneColumnSums(1, &ds_c, sc.rows.data(), sc.of.data(), t.n_rows, K2, W, D, rel, tile.aligned,
-                 &dq_t);
-  const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
-  StoreLanesToRows(sc.yt.data(), tile.lanes, D, dq + q0 * D, s.dilation[2] * s.heads * D);
+  BlockColumnSums(s, blk, kt, ds, sc, yt);  // dq, over dout's transposed rows
+  for (int64_t i = 0; i < blk.n; ++i) {
+    const LaneTask& t = blk.task[i];
+    const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
+    StoreLanesToRows(yt[i], tile.lanes, D, dq + q0 * D, s.dilation[2] * s.heads * D);
+  }
 }
 
 // acc_a / acc_b rows of every key that the tile's windows cover += sum over the (head, lane)
 // pairs that see the key of weight * (the pair's row of xa / xb, [heads][kLanes][Dp]): one
 // read-modify-write per key. Pair (g, j) sees key column start0 + c at slot c - rel[j] of
 // its lane matrices wa / wb. Columns d0 .. d0 + kLanes * NC of the rows (accumulator rows
-// and xa / xb rows are Dp = PaddedDim floats long).
-template <int NC>
+// and xa / xb rows are Dp = PaddedDim floats long). kKeys adjacent keys at a time, so that
+// each row vector loaded feeds the keys that its lane sees.
+template <int NC, int kKeys>
 inline void LaneScatterRows(const NaGeometry& s, const LaneTask& t, const float* wa,
                             const float* wb, const float* xa, const float* xb,
                             const ScatterItem& it, int64_t d0) {
@@ -682,51 +708,94 @@ inline void LaneScatterRows(const NaGeometry& s, const LaneTask& t, const float*
   for (int j = 0; j < kLanes; ++j) lane_w[j] = j - tile.rel[j] * kLanes;
   for (int64_t r = 0; r < t.n_rows; ++r) {
     int64_t jlo = 0, jhi = 0;
-    for (int64_t c = 0; c < tile.span; ++c) {  // key column start0 + c
-      // Windows start and end in non-decreasing order: the lanes seeing c are a range.
-      while (jhi < tile.lanes && tile.rel[jhi] <= c) ++jhi;
-      while (jlo < jhi && tile.rel[jlo] + tile.count[jlo] <= c) ++jlo;
-      if (jlo == jhi) continue;
-      const int64_t key = t.key_token(s, r, tile.start0 + c);
-      float* ka = it.acc_a + key * it.stride + d0;
-      float* kb = it.acc_b + key * it.stride + d0;
-      Vf a[NC], b[NC];
-      for (int v = 0; v < NC; ++v) {
-        a[v] = LoadU(ka + kLanes * v);
-        b[v] = LoadU(kb + kLanes * v);
+    // Keys c0 .. c0 + NK - 1 (key column start0 + c).
+    auto keys = [&](int64_t c0, auto nk) {
+      constexpr int NK = decltype(nk)::value;
+      int64_t lo[NK], hi[NK];  // the lanes seeing key k: a range (windows start and end in
+      bool any = false;        // non-decreasing order), and so are those seeing all NK
+      for (int k = 0; k < NK; ++k) {
+        while (jhi < tile.lanes && tile.rel[jhi] <= c0 + k) ++jhi;
+        while (jlo < jhi && tile.rel[jlo] + tile.count[jlo] <= c0 + k) ++jlo;
+        lo[k] = jlo;
+        hi[k] = jhi;
+        any = any || jlo < jhi;
       }
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t w0 = (g * slots + r * K2 + c) * kLanes;
-        for (int64_t j = jlo; j < jhi; ++j) {
-          const Vf va = Set1(wa[w0 + lane_w[j]]);
-          const Vf vb = Set1(wb[w0 + lane_w[j]]);
-          const float* ra = xa + (g * kLanes + j) * Dp + d0;
-          const float* rb = xb + (g * kLanes + j) * Dp + d0;
-          for (int v = 0; v < NC; ++v) {
-            a[v] = Fma(va, LoadU(ra + kLanes * v), a[v]);
-            b[v] = Fma(vb, LoadU(rb + kLanes * v), b[v]);
-          }
+      if (!any) return;
+      float* ka[NK];
+      float* kb[NK];
+      Vf a[NK][NC], b[NK][NC];
+      for (int k = 0; k < NK; ++k) {
+        const int64_t key = t.key_token(s, r, tile.start0 + c0 + k);
+        ka[k] = it.acc_a + key * it.stride + d0;
+        kb[k] = it.acc_b + key * it.stride + d0;
+        for (int v = 0; v < NC; ++v) {
+          a[k][v] = LoadU(ka[k] + kLanes * v);
+          b[k][v] = LoadU(kb[k] + kLanes * v);
         }
       }
-      for (int v = 0; v < NC; ++v) {
-        StoreU(ka + kLanes * v, a[v]);
-        StoreU(kb + kLanes * v, b[v]);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t w0 = (g * slots + r * K2 + c0) * kLanes;
+        // Lanes [j0, j1), each seeing keys k0 .. k1 - 1.
+        auto lanes = [&](auto k0, auto k1, int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) {
+            Vf va[NK], vb[NK];
+            for (int k = k0; k < k1; ++k) {
+              va[k] = Set1(wa[w0 + k * kLanes + lane_w[j]]);
+              vb[k] = Set1(wb[w0 + k * kLanes + lane_w[j]]);
+            }
+            const float* ra = xa + (g * kLanes + j) * Dp + d0;
+            const float* rb = xb + (g * kLanes + j) * Dp + d0;
+            for (int v = 0; v < NC; ++v) {
+              const Vf x = LoadU(ra + kLanes * v), y = LoadU(rb + kLanes * v);
+              for (int k = k0; k < k1; ++k) {
+                a[k][v] = Fma(va[k], x, a[k][v]);
+                b[k][v] = Fma(vb[k], y, b[k][v]);
+              }
+            }
+          }
+        };
+        using I0 = std::integral_constant<int, 0>;
+        using I1 = std::integral_constant<int, 1>;
+        if constexpr (NK == 1) {
+          lanes(I0(), I1(), lo[0], hi[0]);
+        } else {
+          using I2 = std::integral_constant<int, 2>;
+          lanes(I0(), I1(), lo[0], std::min(lo[1], hi[0]));  // key 0 only
+          lanes(I0(), I2(), lo[1], hi[0]);                    // both
+          lanes(I1(), I2(), std::max(lo[1], hi[0]), hi[1]);   // key 1 only
+        }
       }
-    }
+      for (int k = 0; k < NK; ++k) {
+        for (int v = 0; v < NC; ++v) {
+          StoreU(ka[k] + kLanes * v, a[k][v]);
+          StoreU(kb[k] + kLanes * v, b[k][v]);
+        }
+      }
+    };
+    int64_t c = 0;
+    for (; c + kKeys <= tile.span; c += kKeys) keys(c, std::integral_constant<int, kKeys>());
+    for (; c < tile.span; ++c) keys(c, std::integral_constant<int, 1>());
   }
 }
 
-// dk += scale * ds q and dv += p dout over the tile's windows.
-inline void LaneScatter(const NaGeometry& s, const LaneTask& t, const LaneScratch& sc,
+// dk += scale * ds q and dv += p dout over the windows of the tile in query row i of its
+// block (LaneBackwardHead's results for the G heads).
+inline void LaneScatter(const NaGeometry& s, const LaneTask& t, int64_t i, const LaneScratch& sc,
                         const ScatterItem& it) {
-  const float* q = sc.q_rows.data();
-  const float* dout = sc.dout_rows.data();
-  // Up to 4 vectors of each row stay in registers; longer rows go 4 vectors at a time.
+  const int64_t G = s.group();
+  const float* q = sc.q_rows.data() + i * G * kLanes * PaddedDim(s);
+  const float* dout = sc.dout_rows.data() + i * G * kLanes * PaddedDim(s);
+  const float* ds = sc.s1 + i * G * sc.slots * kLanes;
+  const float* p = sc.s0 + i * G * sc.slots * kLanes;
+  // Accumulators in registers: kKeys keys of up to kChunk vectors of each row, and the row
+  // vectors loaded.
   constexpr int kChunk = 4;
   const int64_t Dp = PaddedDim(s);
   for (int64_t d = 0; d < Dp; d += kChunk * kLanes) {
     WithCount<kChunk>((std::min<int64_t>(Dp - d, kChunk * kLanes)) / kLanes, [&](auto nc) {
-      LaneScatterRows<decltype(nc)::value>(s, t, sc.s1, sc.s0, q, dout, it, d);
+      constexpr int NC = decltype(nc)::value;
+      constexpr int kKeys = 6 * NC + 4 <= kRegisters ? 2 : 1;
+      LaneScatterRows<NC, kKeys>(s, t, ds, p, q, dout, it, d);
     });
   }
 }
@@ -737,41 +806,42 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
                               float scale, float* dq, float* dk, float* dv, float* drpb) {
   std::vector<LaneTile> tiles = LaneTilesOfRow(s);
   const ColumnLayout layout(s, tiles);
+  const std::vector<int64_t> row_order = BlockedRowOrder(s);
   const int64_t ring = KeyRowSpan(s);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()), rows = s.length[0] * s.length[1];
+  const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
   const int64_t G = s.group(), RR = s.rpb_size();
   struct Scratch {
     LaneScratch lanes;
     PlaneTransposed kt, vt;
   };
-  ForEachScatterItem(s, workers, rows * n_tiles, PaddedDim(s), dk, dv,
+  ForEachScatterItem(s, workers, n_blocks * n_tiles, PaddedDim(s), dk, dv,
                      rpb != nullptr ? drpb : nullptr,
                      [&] {
-                       return Scratch{LaneScratch(s, G), PlaneTransposed(s, layout, ring, 1, 0),
+                       return Scratch{LaneScratch(s, kRowBlock * G),
+                                      PlaneTransposed(s, layout, ring, 1, 0),
                                       PlaneTransposed(s, layout, ring, 1, 1)};
                      },
                      [&](Scratch& sc, const ScatterItem& it) {
-    int64_t last_row = -1, n_rows = 0;
-    for (int64_t i = it.tile_begin; i < it.tile_end; ++i) {
-      LaneTask t;
-      t.tile = &tiles[i % n_tiles];
-      t.row = i / n_tiles;
-      t.b = it.b;
-      t.hk = it.hk;
-      if (t.row != last_row) {
-        n_rows = KeyRowsOf(s, t.row, sc.lanes.key_row.data(), sc.lanes.bias_row.data());
-        CoverKeyRows(k, v, it.b, it.hk, 1, sc.lanes.key_row.data(), n_rows, sc.kt, sc.vt);
-        last_row = t.row;
+    LaneBlock blk;
+    int64_t block = -1;
+    for (int64_t u = it.tile_begin; u < it.tile_end; ++u) {
+      if (u / n_tiles != block) {
+        block = u / n_tiles;
+        StartBlock(s, row_order, block, it.b, sc.lanes, blk);
+        CoverKeyRows(k, v, it.b, it.hk, 1, blk.union_row, blk.n_union, sc.kt, sc.vt);
       }
-      t.n_rows = n_rows;
-      t.key_row = sc.lanes.key_row.data();
-      t.bias_row = sc.lanes.bias_row.data();
+      for (int64_t i = 0; i < blk.n; ++i) {
+        blk.task[i].tile = &tiles[u % n_tiles];
+        blk.task[i].hk = it.hk;
+      }
       for (int64_t g = 0; g < G; ++g) {
-        t.h = it.hk * G + g;
-        LaneBackwardHead(s, t, sc.kt, sc.vt, q, rpb, dout, lse, delta, scale, g, sc.lanes,
+        for (int64_t i = 0; i < blk.n; ++i) blk.task[i].h = it.hk * G + g;
+        LaneBackwardHead(s, blk, sc.kt, sc.vt, q, rpb, dout, lse, delta, scale, g, sc.lanes,
                          it.rpb != nullptr ? it.rpb + g * RR : nullptr, dq);
       }
-      LaneScatter(s, t, sc.lanes, it);  // all G heads' contributions, one pass over the keys
+      // All G heads' contributions, one pass over the keys per query row.
+      for (int64_t i = 0; i < blk.n; ++i) LaneScatter(s, blk.task[i], i, sc.lanes, it);
     }
   });
 }

@@ -122,7 +122,7 @@ struct Pairs {
 // Whole blocks: the even (kOdd: odd) blocks of a, then those of b.
 template <int kOdd>
 struct Blocks {
-  static constexpr int half = kLanes / 8;  // blocks taken from each of a and b
+  static constexpr int half = kLanes >= 8 ? kLanes / 8 : 1;  // blocks taken from each of a and b
   static constexpr int at(int p) {
     return p / 4 / half * kLanes + (p / 4 % half * 2 + kOdd) * 4 + p % 4;
   }
