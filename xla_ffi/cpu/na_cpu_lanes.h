@@ -696,9 +696,8 @@ inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const Pl
 // pairs that see the key of weight * (the pair's row of xa / xb, [heads][kLanes][Dp]): one
 // read-modify-write per key. Pair (g, j) sees key column start0 + c at slot c - rel[j] of
 // its lane matrices wa / wb. Columns d0 .. d0 + kLanes * NC of the rows (accumulator rows
-// and xa / xb rows are Dp = PaddedDim floats long). kKeys adjacent keys at a time, so that
-// each row vector loaded feeds the keys that its lane sees.
-template <int NC, int kKeys>
+// and xa / xb rows are Dp = PaddedDim floats long).
+template <int NC>
 inline void LaneScatterRows(const NaGeometry& s, const LaneTask& t, const float* wa,
                             const float* wb, const float* xa, const float* xb,
                             const ScatterItem& it, int64_t d0) {
@@ -708,73 +707,37 @@ inline void LaneScatterRows(const NaGeometry& s, const LaneTask& t, const float*
   for (int j = 0; j < kLanes; ++j) lane_w[j] = j - tile.rel[j] * kLanes;
   for (int64_t r = 0; r < t.n_rows; ++r) {
     int64_t jlo = 0, jhi = 0;
-    // Keys c0 .. c0 + NK - 1 (key column start0 + c).
-    auto keys = [&](int64_t c0, auto nk) {
-      constexpr int NK = decltype(nk)::value;
-      int64_t lo[NK], hi[NK];  // the lanes seeing key k: a range (windows start and end in
-      bool any = false;        // non-decreasing order), and so are those seeing all NK
-      for (int k = 0; k < NK; ++k) {
-        while (jhi < tile.lanes && tile.rel[jhi] <= c0 + k) ++jhi;
-        while (jlo < jhi && tile.rel[jlo] + tile.count[jlo] <= c0 + k) ++jlo;
-        lo[k] = jlo;
-        hi[k] = jhi;
-        any = any || jlo < jhi;
-      }
-      if (!any) return;
-      float* ka[NK];
-      float* kb[NK];
-      Vf a[NK][NC], b[NK][NC];
-      for (int k = 0; k < NK; ++k) {
-        const int64_t key = t.key_token(s, r, tile.start0 + c0 + k);
-        ka[k] = it.acc_a + key * it.stride + d0;
-        kb[k] = it.acc_b + key * it.stride + d0;
-        for (int v = 0; v < NC; ++v) {
-          a[k][v] = LoadU(ka[k] + kLanes * v);
-          b[k][v] = LoadU(kb[k] + kLanes * v);
-        }
+    for (int64_t c = 0; c < tile.span; ++c) {  // key column start0 + c
+      // Windows start and end in non-decreasing order: the lanes seeing c are a range.
+      while (jhi < tile.lanes && tile.rel[jhi] <= c) ++jhi;
+      while (jlo < jhi && tile.rel[jlo] + tile.count[jlo] <= c) ++jlo;
+      if (jlo == jhi) continue;
+      const int64_t key = t.key_token(s, r, tile.start0 + c);
+      float* ka = it.acc_a + key * it.stride + d0;
+      float* kb = it.acc_b + key * it.stride + d0;
+      Vf a[NC], b[NC];
+      for (int v = 0; v < NC; ++v) {
+        a[v] = LoadU(ka + kLanes * v);
+        b[v] = LoadU(kb + kLanes * v);
       }
       for (int64_t g = 0; g < G; ++g) {
-        const int64_t w0 = (g * slots + r * K2 + c0) * kLanes;
-        // Lanes [j0, j1), each seeing keys k0 .. k1 - 1.
-        auto lanes = [&](auto k0, auto k1, int64_t j0, int64_t j1) {
-          for (int64_t j = j0; j < j1; ++j) {
-            Vf va[NK], vb[NK];
-            for (int k = k0; k < k1; ++k) {
-              va[k] = Set1(wa[w0 + k * kLanes + lane_w[j]]);
-              vb[k] = Set1(wb[w0 + k * kLanes + lane_w[j]]);
-            }
-            const float* ra = xa + (g * kLanes + j) * Dp + d0;
-            const float* rb = xb + (g * kLanes + j) * Dp + d0;
-            for (int v = 0; v < NC; ++v) {
-              const Vf x = LoadU(ra + kLanes * v), y = LoadU(rb + kLanes * v);
-              for (int k = k0; k < k1; ++k) {
-                a[k][v] = Fma(va[k], x, a[k][v]);
-                b[k][v] = Fma(vb[k], y, b[k][v]);
-              }
-            }
+        const int64_t w0 = (g * slots + r * K2 + c) * kLanes;
+        for (int64_t j = jlo; j < jhi; ++j) {
+          const Vf va = Set1(wa[w0 + lane_w[j]]);
+          const Vf vb = Set1(wb[w0 + lane_w[j]]);
+          const float* ra = xa + (g * kLanes + j) * Dp + d0;
+          const float* rb = xb + (g * kLanes + j) * Dp + d0;
+          for (int v = 0; v < NC; ++v) {
+            a[v] = Fma(va, LoadU(ra + kLanes * v), a[v]);
+            b[v] = Fma(vb, LoadU(rb + kLanes * v), b[v]);
           }
-        };
-        using I0 = std::integral_constant<int, 0>;
-        using I1 = std::integral_constant<int, 1>;
-        if constexpr (NK == 1) {
-          lanes(I0(), I1(), lo[0], hi[0]);
-        } else {
-          using I2 = std::integral_constant<int, 2>;
-          lanes(I0(), I1(), lo[0], std::min(lo[1], hi[0]));  // key 0 only
-          lanes(I0(), I2(), lo[1], hi[0]);                    // both
-          lanes(I1(), I2(), std::max(lo[1], hi[0]), hi[1]);   // key 1 only
         }
       }
-      for (int k = 0; k < NK; ++k) {
-        for (int v = 0; v < NC; ++v) {
-          StoreU(ka[k] + kLanes * v, a[k][v]);
-          StoreU(kb[k] + kLanes * v, b[k][v]);
-        }
+      for (int v = 0; v < NC; ++v) {
+        StoreU(ka + kLanes * v, a[v]);
+        StoreU(kb + kLanes * v, b[v]);
       }
-    };
-    int64_t c = 0;
-    for (; c + kKeys <= tile.span; c += kKeys) keys(c, std::integral_constant<int, kKeys>());
-    for (; c < tile.span; ++c) keys(c, std::integral_constant<int, 1>());
+    }
   }
 }
 
@@ -787,15 +750,12 @@ inline void LaneScatter(const NaGeometry& s, const LaneTask& t, int64_t i, const
   const float* dout = sc.dout_rows.data() + i * G * kLanes * PaddedDim(s);
   const float* ds = sc.s1 + i * G * sc.slots * kLanes;
   const float* p = sc.s0 + i * G * sc.slots * kLanes;
-  // Accumulators in registers: kKeys keys of up to kChunk vectors of each row, and the row
-  // vectors loaded.
+  // Up to 4 vectors of each row stay in registers; longer rows go 4 vectors at a time.
   constexpr int kChunk = 4;
   const int64_t Dp = PaddedDim(s);
   for (int64_t d = 0; d < Dp; d += kChunk * kLanes) {
     WithCount<kChunk>((std::min<int64_t>(Dp - d, kChunk * kLanes)) / kLanes, [&](auto nc) {
-      constexpr int NC = decltype(nc)::value;
-      constexpr int kKeys = 6 * NC + 4 <= kRegisters ? 2 : 1;
-      LaneScatterRows<NC, kKeys>(s, t, ds, p, q, dout, it, d);
+      LaneScatterRows<decltype(nc)::value>(s, t, ds, p, q, dout, it, d);
     });
   }
 }
