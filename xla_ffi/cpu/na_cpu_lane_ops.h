@@ -66,11 +66,11 @@ struct KeyRowOf {
 // Vector registers of the instruction set: how many accumulators a block can keep.
 inline constexpr int kRegisters = kLanes == 16 ? 32 : 16;
 
-// The slots of one block of LaneDots for M query rows: M accumulators per slot in registers,
-// and for kShiftInRegisters no more than one aligned vector's worth from the block start
-// (8: the block bases WithBlockBase knows).
-template <int M>
-inline constexpr int kSlotBlock = kLanes < 8 ? kLanes : (kRegisters == 32 || M == 1 ? 8 : 4);
+// The slots of one block of LaneDots: one accumulator per slot and query row in registers
+// (with two rows of 8-lane vectors one more than there are registers: still faster than two
+// blocks, measured), and for kShiftInRegisters no more than one aligned vector's worth from
+// the block start (8: the block bases WithBlockBase knows).
+inline constexpr int kBlock = kLanes < 8 ? kLanes : 8;
 
 // out[i][n] += (NB slots of LaneDots for the M query rows xt[i]), accumulated in registers
 // over d; row and out[i] from the block's first slot.
@@ -139,7 +139,6 @@ inline void LaneDots(int64_t m, const float* const* xt, const float* row, int64_
                      int64_t slots, const int32_t* rel, bool aligned, float* const* out) {
   WithCount<kRowBlock>(m, [&](auto rows) {
     constexpr int M = decltype(rows)::value;
-    constexpr int kBlock = kSlotBlock<M>;
     for (int64_t n = 0; n < slots; n += kBlock) {
       float* out_n[M];
       for (int i = 0; i < M; ++i) out_n[i] = out[i] + kLanes * n;
