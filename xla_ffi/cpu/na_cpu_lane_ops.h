@@ -6,28 +6,29 @@
 
 namespace jnat::cpu::JNAT_ISA_NS {
 
-// dst[i * dst_stride + j] = scale * rows[j][i] for i < D and j < n (n <= kLanes rows of
-// length D; a null row reads as zeros), other lanes of the n-wide stores untouched.
-inline void StoreTransposed(const float* const* rows, int64_t n, int64_t D, float scale,
-                            float* dst, int64_t dst_stride) {
+// dst[i * dst_stride + j] = scale * src[j * src_stride + i] for i < D and j < width, rows j >= n
+// (n <= width <= kLanes) reading as zeros; other lanes of the width-wide stores untouched.
+inline void StoreTransposed(const float* src, int64_t src_stride, int64_t n, int64_t D,
+                            float scale, float* dst, int64_t dst_stride, int64_t width) {
   const Vf sv = Set1(scale);
   for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
     const int64_t nd = std::min<int64_t>(kLanes, D - d0);
     Vf r[kLanes];
-    for (int j = 0; j < kLanes; ++j) {
-      if (j >= n || rows[j] == nullptr) {
-        r[j] = Vf{};
-      } else {
-        r[j] = nd == kLanes ? LoadU(rows[j] + d0) : LoadFirst(rows[j] + d0, nd);
+    if (n == kLanes && nd == kLanes) {  // straight-line code: r stays in registers
+      for (int j = 0; j < kLanes; ++j) r[j] = LoadU(src + j * src_stride + d0);
+    } else {
+      for (int j = 0; j < kLanes; ++j) {
+        const float* row = src + j * src_stride + d0;
+        r[j] = j >= n ? Vf{} : nd == kLanes ? LoadU(row) : LoadFirst(row, nd);
       }
     }
     Transpose(r);
     for (int64_t i = 0; i < nd; ++i) {
       float* out = dst + (d0 + i) * dst_stride;
-      if (n == kLanes) {
+      if (width == kLanes) {
         StoreU(out, sv * r[i]);
       } else {
-        StoreFirst(out, sv * r[i], n);
+        StoreFirst(out, sv * r[i], width);
       }
     }
   }
@@ -37,10 +38,8 @@ inline void StoreTransposed(const float* const* rows, int64_t n, int64_t D, floa
 inline void StoreLanesToRows(const float* xt, int64_t n, int64_t D, float* dst,
                              int64_t dst_stride) {
   for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
-    const float* rows[kLanes];
     const int64_t nd = std::min<int64_t>(kLanes, D - d0);
-    for (int64_t i = 0; i < nd; ++i) rows[i] = xt + kLanes * (d0 + i);
-    StoreTransposed(rows, nd, n, 1.0f, dst + d0, dst_stride);
+    StoreTransposed(xt + kLanes * d0, kLanes, nd, n, 1.0f, dst + d0, dst_stride, nd);
   }
 }
 
@@ -53,174 +52,265 @@ inline void WithCount(int64_t n, F&& f) {
   f(std::integral_constant<int, N>());
 }
 
-// The slots of one block of the lane kernels below: at most 8 (accumulators in registers),
-// and for kShiftInRegisters no more than one aligned vector's worth from the block start.
+// Query rows whose dot products and column sums run together (one tile of each): a key row
+// that several of them see is loaded (and shifted or permuted) once for all of them, which
+// halves the shuffles per multiply-add that bound these loops.
+inline constexpr int kRowBlock = 2;
+
+// One key row read by a block of query rows.
+struct KeyRowOf {
+  int32_t mask = 0;           // bit i: query row i of the block sees it
+  int32_t at[kRowBlock] = {};  // its index among the key rows of query row i
+};
+
+// Vector registers of the instruction set: how many accumulators a block can keep.
+inline constexpr int kRegisters = kLanes == 16 ? 32 : 16;
+
+// The slots of one block of LaneDots: one accumulator per slot and query row in registers
+// (with two rows of 8-lane vectors one more than there are registers: still faster than two
+// blocks, measured), and for kShiftInRegisters no more than one aligned vector's worth from
+// the block start (8: the block bases WithBlockBase knows).
 inline constexpr int kBlock = kLanes < 8 ? kLanes : 8;
 
-// NB slots of LaneDots, accumulated in registers over d.
-template <int NB, bool kPermute>
-inline void LaneDotsBlock(const float* xt, const float* row, int64_t W, int64_t D, Vi rel,
-                          float* out) {
-  Vf acc[NB];
-  for (int n = 0; n < NB; ++n) acc[n] = Vf{};
+// out[i][n] += (NB slots of LaneDots for the M query rows xt[i]), accumulated in registers
+// over d; row and out[i] from the block's first slot.
+template <int M, int NB, bool kPermute>
+inline void LaneDotsBlock(const float* const* xt, const float* row, int64_t W, int64_t D,
+                          Vi rel, float* const* out) {
+  Vf acc[M][NB];
+  for (auto& a : acc) {
+    for (auto& v : a) v = Vf{};
+  }
   for (int64_t d = 0; d < D; ++d) {
-    const Vf x = Load(xt + kLanes * d);
+    Vf x[M];
+    for (int i = 0; i < M; ++i) x[i] = Load(xt[i] + kLanes * d);
     const float* r = row + d * W;
     for (int n = 0; n < NB; ++n) {
       Vf k = LoadU(r + n);
       if (kPermute) k = Permute(k, rel);
-      acc[n] = Fma(x, k, acc[n]);
+      for (int i = 0; i < M; ++i) acc[i][n] = Fma(x[i], k, acc[i][n]);
     }
   }
-  for (int n = 0; n < NB; ++n) Store(out + kLanes * n, acc[n]);
+  for (int i = 0; i < M; ++i) {
+    for (int n = 0; n < NB; ++n) Store(out[i] + kLanes * n, acc[i][n]);
+  }
 }
 
 // NB slots from slot kBase of an aligned vector group (kBase + NB <= kLanes), from the two
-// aligned vectors at `row`: acc[i] += x * lanes kBase + i .. of the pair, for every d.
-template <int kBase, int... I>
-inline void AlignedDotsBlock(const float* xt, const float* row, int64_t W, int64_t D,
-                             float* out, std::integer_sequence<int, I...>) {
-  Vf acc[sizeof...(I)];
-  for (auto& a : acc) a = Vf{};
-  for (int64_t d = 0; d < D; ++d) {
-    const Vf x = Load(xt + kLanes * d);
-    const Vf lo = Load(row + d * W), hi = Load(row + d * W + kLanes);
-    ((acc[I] = Fma(x, Shift<kBase + I>(lo, hi), acc[I])), ...);
+// aligned vectors at `row`: acc[i][n] += xt[i] * lanes kBase + n .. of the pair, for every d.
+template <int M, int kBase, int... I>
+inline void AlignedDotsBlock(const float* const* xt, const float* row, int64_t W, int64_t D,
+                             float* const* out, std::integer_sequence<int, I...>) {
+  constexpr int NB = sizeof...(I);
+  Vf acc[M][NB];
+  for (auto& a : acc) {
+    for (auto& v : a) v = Vf{};
   }
-  for (int n = 0; n < static_cast<int>(sizeof...(I)); ++n) Store(out + kLanes * n, acc[n]);
+  for (int64_t d = 0; d < D; ++d) {
+    Vf x[M];
+    for (int i = 0; i < M; ++i) x[i] = Load(xt[i] + kLanes * d);
+    const Vf lo = Load(row + d * W), hi = Load(row + d * W + kLanes);
+    const Vf k[NB] = {Shift<kBase + I>(lo, hi)...};
+    for (int n = 0; n < NB; ++n) {
+      for (int i = 0; i < M; ++i) acc[i][n] = Fma(x[i], k[n], acc[i][n]);
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    for (int n = 0; n < NB; ++n) Store(out[i] + kLanes * n, acc[i][n]);
+  }
 }
 
-// Calls f(std::integral_constant<int, base>) for base = n % kLanes, a multiple of kBlock.
+// Calls f(std::integral_constant<int, base>) for base = n % kLanes, a multiple of 8.
 template <typename F>
 inline void WithBlockBase(int64_t n, F&& f) {
-  if constexpr (kLanes > kBlock) {
-    if (n % kLanes != 0) return f(std::integral_constant<int, kBlock>());
+  if constexpr (kLanes > 8) {
+    if (n % kLanes != 0) return f(std::integral_constant<int, 8>());
   }
   f(std::integral_constant<int, 0>());
 }
 
-// out[n][j] = sum_d xt[d][j] * row[d * W + n + rel[j]] for n < slots: lane j's dot products
-// with the columns of a transposed [D][W] matrix, slot n of lane j at column n + rel[j].
-// rel == nullptr means rel[j] = j: one unaligned load per slot, or with `aligned` (row 64-byte
-// aligned) two aligned loads per kLanes slots and a shift in registers. Otherwise
-// rel[j] < kLanes and a permute picks each lane's column. xt and out are aligned lane
-// matrices.
-inline void LaneDots(const float* xt, const float* row, int64_t W, int64_t D, int64_t slots,
-                     const int32_t* rel, bool aligned, float* out) {
-  for (int64_t n = 0; n < slots; n += kBlock) {
-    const int64_t nb = std::min<int64_t>(kBlock, slots - n);
-    WithCount<kBlock>(nb, [&](auto count) {
-      constexpr int NB = decltype(count)::value;
-      if constexpr (kShiftInRegisters) {
-        if (aligned) {
-          return WithBlockBase(n, [&](auto base) {
-            AlignedDotsBlock<decltype(base)::value>(xt, row + (n / kLanes) * kLanes, W, D,
-                                                    out + kLanes * n,
-                                                    std::make_integer_sequence<int, NB>());
-          });
+// out[i][n][j] = sum_d xt[i][d][j] * row[d * W + n + rel[j]] for n < slots and each of the
+// m <= kRowBlock query rows i: lane j's dot products with the columns of a transposed [D][W]
+// matrix, slot n of lane j at column n + rel[j]. rel == nullptr means rel[j] = j: one
+// unaligned load per slot, or with `aligned` (row 64-byte aligned) two aligned loads per
+// kLanes slots and a shift in registers. Otherwise rel[j] < kLanes and a permute picks each
+// lane's column. xt[i] and out[i] are aligned lane matrices.
+inline void LaneDots(int64_t m, const float* const* xt, const float* row, int64_t W, int64_t D,
+                     int64_t slots, const int32_t* rel, bool aligned, float* const* out) {
+  WithCount<kRowBlock>(m, [&](auto rows) {
+    constexpr int M = decltype(rows)::value;
+    for (int64_t n = 0; n < slots; n += kBlock) {
+      float* out_n[M];
+      for (int i = 0; i < M; ++i) out_n[i] = out[i] + kLanes * n;
+      WithCount<kBlock>(std::min<int64_t>(kBlock, slots - n), [&](auto count) {
+        constexpr int NB = decltype(count)::value;
+        if constexpr (kShiftInRegisters) {
+          if (aligned) {
+            return WithBlockBase(n, [&](auto base) {
+              AlignedDotsBlock<M, decltype(base)::value>(xt, row + (n / kLanes) * kLanes, W, D,
+                                                         out_n,
+                                                         std::make_integer_sequence<int, NB>());
+            });
+          }
         }
-      }
-      if (rel == nullptr) {
-        LaneDotsBlock<NB, false>(xt, row + n, W, D, Vi{}, out + kLanes * n);
-      } else {
-        LaneDotsBlock<NB, true>(xt, row + n, W, D, LoadI(rel), out + kLanes * n);
+        if (rel == nullptr) {
+          LaneDotsBlock<M, NB, false>(xt, row + n, W, D, Vi{}, out_n);
+        } else {
+          LaneDotsBlock<M, NB, true>(xt, row + n, W, D, LoadI(rel), out_n);
+        }
+      });
+    }
+  });
+}
+
+// Calls f(w) with w[i] the weights (slot 0) of key row `of` for query row i, for the rows
+// in kMask (others nullptr): mask dispatched to a constant, so that accumulators of the rows
+// not seeing the key row are left alone at no cost.
+template <int M, typename F>
+inline void WithKeyRowWeights(const float* const* w, const KeyRowOf& of, int64_t slots, F&& f) {
+  WithCount<(1 << M) - 1>(of.mask, [&](auto mask) {
+    const float* wr[M];
+    for (int i = 0; i < M; ++i) {
+      wr[i] = (decltype(mask)::value >> i & 1) ? w[i] + of.at[i] * slots * kLanes : nullptr;
+    }
+    f(mask, wr);
+  });
+}
+
+// Rows d0 .. d0 + ND - 1 of LaneColumnSums for M query rows, accumulated in registers over
+// every key row and slot.
+template <int M, int ND, bool kPermute>
+inline void LaneColumnSumsBlock(const float* const* w, const float* const* rows,
+                                const KeyRowOf* of, int64_t n_rows, int64_t slots, int64_t W,
+                                int64_t d0, Vi rel, float* const* out) {
+  Vf acc[M][ND];
+  for (auto& a : acc) {
+    for (auto& v : a) v = Vf{};
+  }
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const float* row = rows[r] + d0 * W;
+    WithKeyRowWeights<M>(w, of[r], slots, [&](auto mask, const float* const* wr) {
+      constexpr int kMask = decltype(mask)::value;
+      for (int64_t n = 0; n < slots; ++n) {
+        Vf wv[M];
+        for (int i = 0; i < M; ++i) {
+          if (kMask >> i & 1) wv[i] = Load(wr[i] + kLanes * n);
+        }
+        for (int d = 0; d < ND; ++d) {
+          Vf x = LoadU(row + d * W + n);
+          if (kPermute) x = Permute(x, rel);
+          for (int i = 0; i < M; ++i) {
+            if (kMask >> i & 1) acc[i][d] = Fma(wv[i], x, acc[i][d]);
+          }
+        }
       }
     });
   }
-}
-
-// Rows d0 .. d0 + ND - 1 of LaneColumnSums, accumulated in registers over every slot.
-template <int ND, bool kPermute>
-inline void LaneColumnSumsBlock(const float* w, const float* const* rows, int64_t n_rows,
-                                int64_t slots, int64_t W, int64_t d0, Vi rel, float* out) {
-  Vf acc[ND];
-  for (int d = 0; d < ND; ++d) acc[d] = Vf{};
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const float* row = rows[r] + d0 * W;
-    const float* wr = w + r * slots * kLanes;
-    for (int64_t n = 0; n < slots; ++n) {
-      const Vf wv = Load(wr + kLanes * n);
-      for (int d = 0; d < ND; ++d) {
-        Vf x = LoadU(row + d * W + n);
-        if (kPermute) x = Permute(x, rel);
-        acc[d] = Fma(wv, x, acc[d]);
-      }
-    }
+  for (int i = 0; i < M; ++i) {
+    for (int d = 0; d < ND; ++d) Store(out[i] + kLanes * (d0 + d), acc[i][d]);
   }
-  for (int d = 0; d < ND; ++d) Store(out + kLanes * (d0 + d), acc[d]);
 }
 
-// acc[d] += sum over slots kBase + I of w[slot] * lanes (kBase + I ..) of the two aligned
-// vectors of row d, for the ND rows from `row`.
-template <int ND, int kBase, int... I>
-inline void AlignedColumnSumsStep(const float* w, const float* row, int64_t W, Vf* acc,
-                                  std::integer_sequence<int, I...>) {
+// acc[i][d] += sum over slots kBase + I of wr[i][slot] * lanes (kBase + I ..) of the two
+// aligned vectors of row d, for the ND rows from `row` and the query rows i in kMask.
+template <int M, int ND, int kMask, int kBase, int... I>
+inline void AlignedColumnSumsStep(const float* const* wr, const float* row, int64_t W,
+                                  Vf (*acc)[ND], std::integer_sequence<int, I...>) {
   Vf lo[ND], hi[ND];
   for (int d = 0; d < ND; ++d) {
     lo[d] = Load(row + d * W);
     hi[d] = Load(row + d * W + kLanes);
   }
-  auto slot = [&](auto shift, const float* ws) {
-    const Vf wv = Load(ws);
+  auto slot = [&](auto shift, int64_t n) {
+    Vf wv[M];
+    for (int i = 0; i < M; ++i) {
+      if (kMask >> i & 1) wv[i] = Load(wr[i] + kLanes * n);
+    }
     for (int d = 0; d < ND; ++d) {
-      acc[d] = Fma(wv, Shift<decltype(shift)::value>(lo[d], hi[d]), acc[d]);
+      const Vf x = Shift<decltype(shift)::value>(lo[d], hi[d]);
+      for (int i = 0; i < M; ++i) {
+        if (kMask >> i & 1) acc[i][d] = Fma(wv[i], x, acc[i][d]);
+      }
     }
   };
-  (slot(std::integral_constant<int, kBase + I>(), w + kLanes * I), ...);
+  (slot(std::integral_constant<int, kBase + I>(), I), ...);
 }
 
 // Rows d0 .. d0 + ND - 1 of LaneColumnSums for a tile whose slot 0 is 64-byte aligned.
-template <int ND>
-inline void AlignedColumnSumsBlock(const float* w, const float* const* rows, int64_t n_rows,
-                                   int64_t slots, int64_t W, int64_t d0, float* out) {
-  Vf acc[ND];
-  for (int d = 0; d < ND; ++d) acc[d] = Vf{};
+template <int M, int ND>
+inline void AlignedColumnSumsBlock(const float* const* w, const float* const* rows,
+                                   const KeyRowOf* of, int64_t n_rows, int64_t slots, int64_t W,
+                                   int64_t d0, float* const* out) {
+  Vf acc[M][ND];
+  for (auto& a : acc) {
+    for (auto& v : a) v = Vf{};
+  }
   for (int64_t r = 0; r < n_rows; ++r) {
     const float* row = rows[r] + d0 * W;
-    for (int64_t n = 0; n < slots; n += kBlock) {
-      const float* ws = w + (r * slots + n) * kLanes;
-      const float* group = row + (n / kLanes) * kLanes;
-      WithCount<kBlock>(std::min<int64_t>(kBlock, slots - n), [&](auto count) {
-        WithBlockBase(n, [&](auto base) {
-          AlignedColumnSumsStep<ND, decltype(base)::value>(
-              ws, group, W, acc, std::make_integer_sequence<int, decltype(count)::value>());
+    WithKeyRowWeights<M>(w, of[r], slots, [&](auto mask, const float* const* wr) {
+      for (int64_t n = 0; n < slots; n += 8) {
+        const float* ws[M];
+        for (int i = 0; i < M; ++i) ws[i] = wr[i] + kLanes * n;
+        const float* group = row + (n / kLanes) * kLanes;
+        WithCount<8>(std::min<int64_t>(8, slots - n), [&](auto count) {
+          WithBlockBase(n, [&](auto base) {
+            AlignedColumnSumsStep<M, ND, decltype(mask)::value, decltype(base)::value>(
+                ws, group, W, acc, std::make_integer_sequence<int, decltype(count)::value>());
+          });
         });
-      });
-    }
+      }
+    });
   }
-  for (int d = 0; d < ND; ++d) Store(out + kLanes * (d0 + d), acc[d]);
+  for (int i = 0; i < M; ++i) {
+    for (int d = 0; d < ND; ++d) Store(out[i] + kLanes * (d0 + d), acc[i][d]);
+  }
 }
 
-// out[d][j] = sum over key rows r and slots n of w[r * slots + n][j] * rows[r][d * W + n +
-// rel[j]], d < D: lane j's weighted sum of the columns its dot products came from (LaneDots
-// layout and cases; rel == nullptr: rel[j] = j). w and out are aligned lane matrices.
-inline void LaneColumnSums(const float* w, const float* const* rows, int64_t n_rows,
-                           int64_t slots, int64_t W, int64_t D, const int32_t* rel, bool aligned,
-                           float* out) {
-  int64_t d = 0;
-  if constexpr (kShiftInRegisters) {
-    if (aligned) {
-      for (; d + 8 <= D; d += 8) AlignedColumnSumsBlock<8>(w, rows, n_rows, slots, W, d, out);
-      for (; d + 4 <= D; d += 4) AlignedColumnSumsBlock<4>(w, rows, n_rows, slots, W, d, out);
-      for (; d < D; ++d) AlignedColumnSumsBlock<1>(w, rows, n_rows, slots, W, d, out);
-      return;
+// out[i][d][j] = sum over key rows r that query row i sees (of[r]) and slots n of
+// w[i][of[r].at[i] * slots + n][j] * rows[r][d * W + n + rel[j]], d < D, for the m <=
+// kRowBlock query rows i: lane j's weighted sum of the columns its dot products came from
+// (LaneDots layout and cases; rel == nullptr: rel[j] = j). w[i] and out[i] are aligned lane
+// matrices.
+inline void LaneColumnSums(int64_t m, const float* const* w, const float* const* rows,
+                           const KeyRowOf* of, int64_t n_rows, int64_t slots, int64_t W,
+                           int64_t D, const int32_t* rel, bool aligned, float* const* out) {
+  WithCount<kRowBlock>(m, [&](auto query_rows) {
+    constexpr int M = decltype(query_rows)::value;
+    int64_t d = 0;
+    if constexpr (kShiftInRegisters) {
+      if (aligned) {
+        // Per d row two aligned vectors and M accumulators in registers.
+        constexpr int kRows = M == 1 ? 8 : 4;
+        for (; d + kRows <= D; d += kRows) {
+          AlignedColumnSumsBlock<M, kRows>(w, rows, of, n_rows, slots, W, d, out);
+        }
+        for (; d + 4 <= D; d += 4) {
+          AlignedColumnSumsBlock<M, 4>(w, rows, of, n_rows, slots, W, d, out);
+        }
+        for (; d < D; ++d) AlignedColumnSumsBlock<M, 1>(w, rows, of, n_rows, slots, W, d, out);
+        return;
+      }
     }
-  }
-  auto blocks = [&](auto permute, Vi idx) {
-    constexpr bool kPermute = decltype(permute)::value;
-    // Accumulators in registers: 16 of them with 32 vector registers, 8 with 16.
-    constexpr int kRows = kLanes == 16 ? 16 : 8;
-    for (; d + kRows <= D; d += kRows) {
-      LaneColumnSumsBlock<kRows, kPermute>(w, rows, n_rows, slots, W, d, idx, out);
+    auto blocks = [&](auto permute, Vi idx) {
+      constexpr bool kPermute = decltype(permute)::value;
+      // Accumulators in registers: 16 of them with 32 vector registers, 8 with 16.
+      constexpr int kRows = (kRegisters / 2) / M;
+      for (; d + kRows <= D; d += kRows) {
+        LaneColumnSumsBlock<M, kRows, kPermute>(w, rows, of, n_rows, slots, W, d, idx, out);
+      }
+      for (; d + 4 <= D; d += 4) {
+        LaneColumnSumsBlock<M, 4, kPermute>(w, rows, of, n_rows, slots, W, d, idx, out);
+      }
+      for (; d < D; ++d) {
+        LaneColumnSumsBlock<M, 1, kPermute>(w, rows, of, n_rows, slots, W, d, idx, out);
+      }
+    };
+    if (rel == nullptr) {
+      blocks(std::false_type(), Vi{});
+    } else {
+      blocks(std::true_type(), LoadI(rel));
     }
-    for (; d + 4 <= D; d += 4) LaneColumnSumsBlock<4, kPermute>(w, rows, n_rows, slots, W, d, idx, out);
-    for (; d < D; ++d) LaneColumnSumsBlock<1, kPermute>(w, rows, n_rows, slots, W, d, idx, out);
-  };
-  if (rel == nullptr) {
-    blocks(std::false_type(), Vi{});
-  } else {
-    blocks(std::true_type(), LoadI(rel));
-  }
+  });
 }
 
 }  // namespace jnat::cpu::JNAT_ISA_NS

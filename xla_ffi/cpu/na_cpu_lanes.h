@@ -90,6 +90,27 @@ inline std::vector<LaneTile> LaneTilesOfRow(const NaGeometry& s) {
   return tiles;
 }
 
+// Asks for the cache lines of n rows of D floats, `stride` floats apart (kWrite: to be
+// written), ahead of their use. Tokens of a [B, tokens, H, D] tensor lie H * D floats apart, a
+// pattern the hardware prefetchers do not follow: without this, the transposes into and out
+// of the lane layout wait on memory for most of their time.
+template <bool kWrite>
+inline void PrefetchRows(const float* x, int64_t n, int64_t stride, int64_t D) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(x + i * stride + d, kWrite ? 1 : 0);
+  }
+}
+
+// PrefetchRows of the tile's queries in spatial row `row` of batch b of x [B, tokens, H, D]:
+// heads [h0, h0 + heads), side by side.
+template <bool kWrite>
+inline void PrefetchTile(const NaGeometry& s, const float* x, int64_t b, int64_t row,
+                         const LaneTile& tile, int64_t h0, int64_t heads) {
+  const int64_t token = row * s.length[2] + tile.group + tile.first * s.dilation[2];
+  PrefetchRows<kWrite>(x + ((b * s.tokens() + token) * s.heads + h0) * s.dim, tile.lanes,
+                       s.dilation[2] * s.heads * s.dim, heads * s.dim);
+}
+
 // Columns of the transposed rows: group g of the last axis from column offset[g]. Each group
 // starts where its interior tiles' windows begin on a 64-byte boundary, so those tiles read
 // aligned vectors and shift them in registers (LaneDots, LaneColumnSums). Gaps are zeros.
@@ -124,75 +145,106 @@ struct ColumnLayout {
   static int64_t slack(const NaGeometry& s) { return s.kernel[2] + 64; }
 };
 
-// k or v of one (batch, kv head) transposed per spatial row: a [D][width] matrix per row,
-// whose columns are the row's tokens ordered by dilation group along the last axis (group g
-// from column offset(g)), then zeros, so that a vector load from any window slot stays in
-// bounds. One (batch, kv head) at a time, and each row only when the tiles first need it
-// (Cover), so that the transposed rows are still in the cache while the tiles read them.
+// k or v of a few kv heads of one batch transposed per spatial row: a [D][width] matrix per
+// head and row, whose columns are the row's tokens ordered by dilation group along the last
+// axis (group g from column offset(g)), then zeros, so that a vector load from any window
+// slot stays in bounds. Each row only when the tiles first need it (Cover), all the heads at
+// once: a token's heads lie side by side in memory, so that the rows stream in whole. Rows
+// live in a ring of `ring` slots, as many as the key rows of one block of query rows span
+// (KeyRowSpan): what the tiles read stays in the cache, and so do the slots the next rows
+// are written to.
 class PlaneTransposed {
  public:
-  // buffer: the CallScratch slot to use.
-  PlaneTransposed(const NaGeometry& s, const ColumnLayout& layout, int buffer)
-      : s_(s), rows_(s.length[0] * s.length[1]), width_(layout.width), offset_(layout.offset),
-        storage_(buffer, static_cast<size_t>(rows_ * s.dim * width_ + ColumnLayout::slack(s))),
+  // Room for `heads` kv heads; buffer: the CallScratch slot to use.
+  PlaneTransposed(const NaGeometry& s, const ColumnLayout& layout, int64_t ring, int64_t heads,
+                  int buffer)
+      : s_(s), rows_(s.length[0] * s.length[1]), ring_(std::min(ring, rows_)),
+        width_(layout.width), slots_(heads * ring_), offset_(layout.offset),
+        storage_(buffer, static_cast<size_t>(slots_ * s.dim * width_ + ColumnLayout::slack(s))),
         data_(storage_.data()) {
-    std::fill(data_ + rows_ * s.dim * width_,
-              data_ + rows_ * s.dim * width_ + ColumnLayout::slack(s), 0.0f);
+    std::fill(data_ + slots_ * s.dim * width_,
+              data_ + slots_ * s.dim * width_ + ColumnLayout::slack(s), 0.0f);
+    // Zeros outside the groups, once: Fill writes only the groups' columns.
+    const int64_t L2 = s.length[2], dil = s.dilation[2];
+    for (int64_t c = 0; c < slots_ * s.dim; ++c) {
+      float* col = data_ + c * width_;
+      std::fill(col, col + offset_[0], 0.0f);
+      for (int64_t g = 0; g < dil; ++g) {
+        const int64_t group_end = offset_[g] + GroupLength(L2, dil, g);
+        std::fill(col + group_end, col + (g + 1 < dil ? offset_[g + 1] : width_), 0.0f);
+      }
+    }
   }
 
-  // Makes spatial rows [row_begin, row_end) of (b, hk) of x [B, tokens, Hkv, D] readable,
-  // transposing those not done since the plane last changed (rows in between included).
-  void Cover(const float* x, int64_t b, int64_t hk, int64_t row_begin, int64_t row_end) {
-    if (b != b_ || hk != hk_) {
+  // Makes spatial rows [row_begin, row_end) of kv heads [hk0, hk0 + heads) of batch b of x
+  // [B, tokens, Hkv, D] readable (row_end - row_begin <= ring, heads <= the room), transposing
+  // those not held (rows in between included); rows held before may be dropped.
+  void Cover(const float* x, int64_t b, int64_t hk0, int64_t heads, int64_t row_begin,
+             int64_t row_end) {
+    if (b != b_ || hk0 != hk0_ || heads != heads_ || row_end <= lo_ || row_begin >= hi_) {
       b_ = b;
-      hk_ = hk;
-      lo_ = hi_ = row_begin;
+      hk0_ = hk0;
+      heads_ = heads;
+      lo_ = hi_ = ahead_ = row_begin;
     }
-    if (row_begin < lo_) {
+    if (row_begin < lo_) {  // the slots of rows from row_begin + ring on are reused
       Fill(x, row_begin, lo_);
       lo_ = row_begin;
+      hi_ = std::min(hi_, lo_ + ring_);
     }
     if (row_end > hi_) {
       Fill(x, hi_, row_end);
       hi_ = row_end;
+      lo_ = std::max(lo_, hi_ - ring_);
+      // The next few rows, on their way while the tiles work on these.
+      const int64_t from = std::max(ahead_, row_end), to = std::min(rows_, row_end + kAheadRows);
+      const int64_t Hkv = s_.kv_heads, D = s_.dim, L2 = s_.length[2];
+      if (from < to) {
+        PrefetchRows<false>(x + ((b_ * s_.tokens() + from * L2) * Hkv + hk0_) * D,
+                            (to - from) * L2, Hkv * D, heads_ * D);
+        ahead_ = to;
+      }
     }
   }
 
-  // Spatial row `row` (= x0 * L1 + x1): [D][width].
-  float* Row(int64_t row) const { return data_ + row * s_.dim * width_; }
+  // Spatial row `row` (= x0 * L1 + x1) of kv head hk, one that Cover made readable:
+  // [D][width].
+  float* Row(int64_t hk, int64_t row) const {
+    return data_ + ((hk - hk0_) * ring_ + row % ring_) * s_.dim * width_;
+  }
   int64_t width() const { return width_; }
   int64_t offset(int64_t group) const { return offset_[group]; }
 
+  // Floats one kv head of the ring takes.
+  static int64_t HeadFloats(const NaGeometry& s, const ColumnLayout& layout, int64_t ring) {
+    return std::min(ring, s.length[0] * s.length[1]) * s.dim * layout.width;
+  }
+
  private:
-  // Transposes spatial rows [row_begin, row_end) of (b_, hk_).
+  // Transposes spatial rows [row_begin, row_end) of the heads.
   void Fill(const float* x, int64_t row_begin, int64_t row_end) {
     const int64_t L2 = s_.length[2], dil = s_.dilation[2], D = s_.dim, Hkv = s_.kv_heads;
     for (int64_t row = row_begin; row < row_end; ++row) {
-      const float* src = x + ((b_ * s_.tokens() + row * L2) * Hkv + hk_) * D;
-      float* dst = Row(row);
+      const float* src = x + ((b_ * s_.tokens() + row * L2) * Hkv + hk0_) * D;
       for (int64_t g = 0; g < dil; ++g) {
         const int64_t lg = GroupLength(L2, dil, g);
         for (int64_t c = 0; c < lg; c += kLanes) {
-          const float* cols[kLanes];
           const int64_t n = std::min<int64_t>(kLanes, lg - c);
-          for (int64_t j = 0; j < n; ++j) cols[j] = src + (g + (c + j) * dil) * Hkv * D;
-          StoreTransposed(cols, n, D, 1.0f, dst + offset_[g] + c, width_);
-        }
-      }
-      for (int64_t d = 0; d < D; ++d) {  // zeros outside the groups
-        float* col = dst + d * width_;
-        std::fill(col, col + offset_[0], 0.0f);
-        for (int64_t g = 0; g < dil; ++g) {
-          const int64_t group_end = offset_[g] + GroupLength(L2, dil, g);
-          std::fill(col + group_end, col + (g + 1 < dil ? offset_[g + 1] : width_), 0.0f);
+          for (int64_t h = 0; h < heads_; ++h) {
+            StoreTransposed(src + (g + c * dil) * Hkv * D + h * D, dil * Hkv * D, n, D, 1.0f,
+                            Row(hk0_ + h, row) + offset_[g] + c, width_, n);
+          }
         }
       }
     }
   }
 
+  static constexpr int64_t kAheadRows = 4;  // rows prefetched past those transposed
   const NaGeometry& s_;
-  int64_t rows_, width_;
-  int64_t b_ = -1, hk_ = -1, lo_ = 0, hi_ = 0;  // the plane, and its rows transposed so far
+  int64_t rows_, ring_, width_, slots_;
+  int64_t b_ = -1, hk0_ = -1, heads_ = 0;  // the heads held
+  int64_t lo_ = 0, hi_ = 0;                // and their rows
+  int64_t ahead_ = 0;                      // rows prefetched: up to here
   std::vector<int64_t> offset_;
   CallScratch storage_;
   float* data_;
@@ -217,13 +269,69 @@ inline int64_t KeyRowsOf(const NaGeometry& s, int64_t row, int64_t* key_row, int
   return n;
 }
 
-// Transposes into kt and vt the key rows key_row[0 .. n) of (b, hk) that they lack.
-inline void CoverKeyRows(const float* k, const float* v, int64_t b, int64_t hk,
+// Transposes into kt and vt the key rows key_row[0 .. n) of kv heads [hk0, hk0 + heads) of
+// batch b that they lack.
+inline void CoverKeyRows(const float* k, const float* v, int64_t b, int64_t hk0, int64_t heads,
                          const int64_t* key_row, int64_t n, PlaneTransposed& kt,
                          PlaneTransposed& vt) {
   const auto [first, last] = std::minmax_element(key_row, key_row + n);
-  kt.Cover(k, b, hk, *first, *last + 1);
-  vt.Cover(v, b, hk, *first, *last + 1);
+  kt.Cover(k, b, hk0, heads, *first, *last + 1);
+  vt.Cover(v, b, hk0, heads, *first, *last + 1);
+}
+
+// The spatial rows in the order they are blocked (kRowBlock consecutive ones run together):
+// along the second axis by dilation group, so that neighbours in a block share key rows.
+inline std::vector<int64_t> BlockedRowOrder(const NaGeometry& s) {
+  const int64_t L1 = s.length[1], dil = s.dilation[1];
+  std::vector<int64_t> order;
+  order.reserve(s.length[0] * L1);
+  for (int64_t x0 = 0; x0 < s.length[0]; ++x0) {
+    for (int64_t g = 0; g < dil; ++g) {
+      for (int64_t x1 = g; x1 < L1; x1 += dil) order.push_back(x0 * L1 + x1);
+    }
+  }
+  return order;
+}
+
+// The union of the key rows of n query rows (key_row[i][0 .. n_rows[i]), each ascending),
+// ascending, into union_row, with which query rows see each one (of); returns its size.
+inline int64_t UnionOfKeyRows(int64_t n, const int64_t* const* key_row, const int64_t* n_rows,
+                              int64_t* union_row, KeyRowOf* of) {
+  int64_t next[kRowBlock] = {}, size = 0;
+  for (;;) {
+    int64_t key = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      if (next[i] < n_rows[i] && (key < 0 || key_row[i][next[i]] < key)) key = key_row[i][next[i]];
+    }
+    if (key < 0) return size;
+    KeyRowOf o;
+    for (int64_t i = 0; i < n; ++i) {
+      if (next[i] < n_rows[i] && key_row[i][next[i]] == key) {
+        o.mask |= 1 << i;
+        o.at[i] = static_cast<int32_t>(next[i]++);
+      }
+    }
+    union_row[size] = key;
+    of[size++] = o;
+  }
+}
+
+// The most spatial rows, first to last, that the key rows of one block of query rows
+// (BlockedRowOrder) span: the ring a PlaneTransposed needs, for blocks and single rows alike.
+inline int64_t KeyRowSpan(const NaGeometry& s) {
+  const std::vector<int64_t> order = BlockedRowOrder(s);
+  std::vector<int64_t> key_row(s.kernel[0] * s.kernel[1]), bias_row(key_row.size());
+  int64_t span = 1;
+  for (size_t block = 0; block < order.size(); block += kRowBlock) {
+    int64_t first = s.length[0] * s.length[1], last = -1;
+    for (size_t i = block; i < std::min(order.size(), block + kRowBlock); ++i) {
+      const int64_t n = KeyRowsOf(s, order[i], key_row.data(), bias_row.data());
+      first = std::min(first, key_row[0]);
+      last = std::max(last, key_row[n - 1]);
+    }
+    span = std::max(span, last - first + 1);
+  }
+  return span;
 }
 
 // Where one tile of one head lives: its queries' token rows and the key rows of its windows.
@@ -242,9 +350,15 @@ struct LaneTask {
   const float* query_row(const NaGeometry& s, const float* x, int64_t j) const {
     return j < tile->lanes ? x + ((b * s.tokens() + token(s, j)) * s.heads + h) * s.dim : nullptr;
   }
-  // Key row r's slot-0 column of lane 0, in a transposed kv plane of (b, hk).
-  const float* transposed(const PlaneTransposed& t, int64_t r) const {
-    return t.Row(key_row[r]) + t.offset(tile->group) + tile->start0;
+  // scale * the tile's query rows of a [B, tokens, H, D] tensor, as a lane matrix into xt
+  // (padding lanes zero).
+  void LoadTransposed(const NaGeometry& s, const float* x, float scale, float* xt) const {
+    StoreTransposed(query_row(s, x, 0), s.dilation[2] * s.heads * s.dim, tile->lanes, s.dim,
+                    scale, xt, kLanes, kLanes);
+  }
+  // Spatial row key's slot-0 column of lane 0, in transposed kv rows holding kv head hk.
+  const float* window(const PlaneTransposed& t, int64_t key) const {
+    return t.Row(hk, key) + t.offset(tile->group) + tile->start0;
   }
   // Key row r's token at group column c, in a [B, tokens, Hkv, D] tensor: its index.
   int64_t key_token(const NaGeometry& s, int64_t r, int64_t c) const {
@@ -252,31 +366,39 @@ struct LaneTask {
   }
 };
 
-// Per-thread buffers; lane matrices are 64-byte aligned.
+// Per-thread buffers; lane matrices are 64-byte aligned. `matrices` of each kind: the query
+// rows of a block (forward), times the heads of a kv head (backward).
 struct LaneScratch {
   int64_t slots;  // the window size: rows of a logits lane matrix
+  int64_t key_rows;  // of one query row: K0 * K1
+  // Per query row of a block: key rows and their rpb offsets, key_rows apart.
   std::vector<int64_t> key_row, bias_row;
+  std::vector<int64_t> union_row;  // the block's key rows
+  std::vector<KeyRowOf> of;        // which query rows see each
   std::vector<const float*> rows;  // one pointer per key row
-  AlignedFloats xt, yt, buf;
-  // [heads][kLanes][PaddedDim] compact copies of the tile's q and dout rows (backward),
+  AlignedFloats xt, yt, buf;  // xt, yt: [matrices][D][kLanes]
+  // [matrices][kLanes][PaddedDim] compact copies of the tile's q and dout rows (backward),
   // zero-padded to whole vectors. In the tensors they lie heads * D floats apart, a power of
   // two that would map them all to a few cache sets, where the key rows streaming through
   // the scatter evict them.
   AlignedFloats q_rows, dout_rows;
-  float* s0;  // [heads][slots][kLanes] logits, probabilities
-  float* s1;  // [heads][slots][kLanes] second lane matrix (backward: scaled ds)
-  float* s2;  // [slots][kLanes] temporary
+  float* s0;  // [matrices][slots][kLanes] logits, probabilities
+  float* s1;  // [matrices][slots][kLanes] second lane matrix (backward: scaled ds)
+  float* s2;  // [kRowBlock][slots][kLanes] temporary
   float* stat;  // [4][kLanes] per-lane statistics
 
-  LaneScratch(const NaGeometry& s, int64_t heads)
-      : slots(s.window()), key_row(s.kernel[0] * s.kernel[1]), bias_row(key_row.size()),
-        rows(key_row.size()), xt(s.dim * kLanes), yt(s.dim * kLanes),
-        buf((2 * heads + 1) * slots * kLanes + 4 * kLanes),
-        q_rows(heads * kLanes * PaddedDim(s), true), dout_rows(heads * kLanes * PaddedDim(s), true) {
+  LaneScratch(const NaGeometry& s, int64_t matrices)
+      : slots(s.window()), key_rows(s.kernel[0] * s.kernel[1]),
+        key_row(kRowBlock * key_rows), bias_row(key_row.size()), union_row(key_row.size()),
+        of(key_row.size()), rows(key_row.size()), xt(matrices * s.dim * kLanes),
+        yt(matrices * s.dim * kLanes),
+        buf((2 * matrices + kRowBlock) * slots * kLanes + 4 * kLanes),
+        q_rows(matrices * kLanes * PaddedDim(s), true),
+        dout_rows(matrices * kLanes * PaddedDim(s), true) {
     s0 = buf.data();
-    s1 = s0 + heads * slots * kLanes;
-    s2 = s1 + heads * slots * kLanes;
-    stat = s2 + slots * kLanes;
+    s1 = s0 + matrices * slots * kLanes;
+    s2 = s1 + matrices * slots * kLanes;
+    stat = s2 + kRowBlock * slots * kLanes;
   }
 };
 
@@ -310,42 +432,113 @@ inline Vf FinishLogits(const NaGeometry& s, const LaneTask& t, const float* rpb_
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-// One tile of one head: out and lse of its queries.
-inline void LaneForwardTile(const NaGeometry& s, const LaneTask& t, const PlaneTransposed& kt,
+// One tile in the query rows of a block (kRowBlock at most), and the union of their key rows.
+struct LaneBlock {
+  int64_t n = 0;  // query rows
+  LaneTask task[kRowBlock];
+  int64_t n_union = 0;
+  const int64_t* union_row = nullptr;
+  const KeyRowOf* of = nullptr;
+};
+
+// Sets up blk for block `block` of the blocked row order in batch b: its query rows' key rows
+// and their union (in sc).
+inline void StartBlock(const NaGeometry& s, const std::vector<int64_t>& row_order,
+                       int64_t block, int64_t b, LaneScratch& sc, LaneBlock& blk) {
+  blk.n = std::min<int64_t>(kRowBlock, static_cast<int64_t>(row_order.size()) - block * kRowBlock);
+  const int64_t* key_rows[kRowBlock];
+  int64_t n_rows[kRowBlock];
+  for (int64_t i = 0; i < blk.n; ++i) {
+    LaneTask& t = blk.task[i];
+    t.b = b;
+    t.row = row_order[block * kRowBlock + i];
+    t.key_row = sc.key_row.data() + i * sc.key_rows;
+    t.bias_row = sc.bias_row.data() + i * sc.key_rows;
+    t.n_rows = KeyRowsOf(s, t.row, sc.key_row.data() + i * sc.key_rows,
+                         sc.bias_row.data() + i * sc.key_rows);
+    key_rows[i] = t.key_row;
+    n_rows[i] = t.n_rows;
+  }
+  blk.n_union = UnionOfKeyRows(blk.n, key_rows, n_rows, sc.union_row.data(), sc.of.data());
+  blk.union_row = sc.union_row.data();
+  blk.of = sc.of.data();
+}
+
+// LaneDots of every key row of the block's union against the transposed plane t, for the
+// query rows that see it: out[i] += xt[i] . key rows, at query row i's slots.
+inline void BlockDots(const NaGeometry& s, const LaneBlock& blk, const PlaneTransposed& t,
+                      float* const* xt, float* const* out) {
+  const LaneTile& tile = *blk.task[0].tile;
+  const int64_t K2 = s.kernel[2];
+  for (int64_t u = 0; u < blk.n_union; ++u) {  // each key row once for the rows that see it
+    const float* x[kRowBlock];
+    float* out_u[kRowBlock];
+    int64_t m = 0;
+    for (int64_t i = 0; i < blk.n; ++i) {
+      if (blk.of[u].mask >> i & 1) {
+        x[m] = xt[i];
+        out_u[m++] = out[i] + blk.of[u].at[i] * K2 * kLanes;
+      }
+    }
+    LaneDots(m, x, blk.task[0].window(t, blk.union_row[u]), t.width(), s.dim, K2,
+             tile.shifted ? nullptr : tile.rel, tile.aligned, out_u);
+  }
+}
+
+// LaneColumnSums of the weights w[i] of the block's query rows over the union's key rows of
+// the transposed plane t, into out[i].
+inline void BlockColumnSums(const NaGeometry& s, const LaneBlock& blk, const PlaneTransposed& t,
+                            float* const* w, LaneScratch& sc, float* const* out) {
+  const LaneTile& tile = *blk.task[0].tile;
+  for (int64_t u = 0; u < blk.n_union; ++u) sc.rows[u] = blk.task[0].window(t, blk.union_row[u]);
+  LaneColumnSums(blk.n, w, sc.rows.data(), blk.of, blk.n_union, s.kernel[2], t.width(), s.dim,
+                 tile.shifted ? nullptr : tile.rel, tile.aligned, out);
+}
+
+// One tile of one head in the query rows of a block: out and lse of their queries.
+inline void LaneForwardTile(const NaGeometry& s, const LaneBlock& blk, const PlaneTransposed& kt,
                             const PlaneTransposed& vt, const float* q, const float* rpb,
                             float scale, LaneScratch& sc, float* out, float* lse) {
-  const LaneTile& tile = *t.tile;
-  const int64_t K2 = s.kernel[2], W = kt.width(), D = s.dim;
-  const int32_t* rel = tile.shifted ? nullptr : tile.rel;
-  const float* qrows[kLanes];
-  for (int j = 0; j < kLanes; ++j) qrows[j] = t.query_row(s, q, j);
-  StoreTransposed(qrows, kLanes, D, scale, sc.xt.data(), kLanes);
-  for (int64_t r = 0; r < t.n_rows; ++r) {
-    LaneDots(sc.xt.data(), t.transposed(kt, r), W, D, K2, rel, tile.aligned,
-             sc.s0 + r * K2 * kLanes);
+  const LaneTile& tile = *blk.task[0].tile;
+  const int64_t K2 = s.kernel[2], D = s.dim;
+  float* xt[kRowBlock];
+  float* logit[kRowBlock];
+  float* yt[kRowBlock];
+  for (int64_t i = 0; i < blk.n; ++i) {
+    xt[i] = sc.xt.data() + i * D * kLanes;
+    logit[i] = sc.s0 + i * sc.slots * kLanes;
+    yt[i] = sc.yt.data() + i * D * kLanes;
+    blk.task[i].LoadTransposed(s, q, scale, xt[i]);
   }
-  const Vf m = FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, sc.s0);
-  Vf sum = {};
-  for (int64_t n = 0; n < t.n_rows * K2; ++n) {
-    float* x = sc.s0 + n * kLanes;
-    const Vf e = Exp(Load(x) - m);
-    Store(x, e);
-    sum += e;
+  BlockDots(s, blk, kt, xt, logit);
+  Vf m[kRowBlock], sum[kRowBlock];
+  for (int64_t i = 0; i < blk.n; ++i) {
+    const LaneTask& t = blk.task[i];
+    m[i] = FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, logit[i]);
+    sum[i] = Vf{};
+    for (int64_t n = 0; n < t.n_rows * K2; ++n) {
+      float* x = logit[i] + n * kLanes;
+      const Vf e = Exp(Load(x) - m[i]);
+      Store(x, e);
+      sum[i] += e;
+    }
   }
-  for (int64_t r = 0; r < t.n_rows; ++r) sc.rows[r] = t.transposed(vt, r);
-  LaneColumnSums(sc.s0, sc.rows.data(), t.n_rows, K2, W, D, rel, tile.aligned, sc.yt.data());
-  const Vf inv = Set1(1.0f) / sum;
-  for (int64_t d = 0; d < D; ++d) {
-    float* y = sc.yt.data() + d * kLanes;
-    Store(y, inv * Load(y));
-  }
-  const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
-  const int64_t lane_step = s.dilation[2] * s.heads;  // between consecutive lanes' queries
-  StoreLanesToRows(sc.yt.data(), tile.lanes, D, out + q0 * D, lane_step * D);
-  Store(sc.stat, m);
-  Store(sc.stat + kLanes, sum);
-  for (int64_t j = 0; j < tile.lanes; ++j) {
-    lse[q0 + j * lane_step] = sc.stat[j] + std::log(sc.stat[kLanes + j]);
+  BlockColumnSums(s, blk, vt, logit, sc, yt);
+  for (int64_t i = 0; i < blk.n; ++i) {
+    const LaneTask& t = blk.task[i];
+    const Vf inv = Set1(1.0f) / sum[i];
+    for (int64_t d = 0; d < D; ++d) {
+      float* y = yt[i] + d * kLanes;
+      Store(y, inv * Load(y));
+    }
+    const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
+    const int64_t lane_step = s.dilation[2] * s.heads;  // between consecutive lanes' queries
+    StoreLanesToRows(yt[i], tile.lanes, D, out + q0 * D, lane_step * D);
+    Store(sc.stat, m[i]);
+    Store(sc.stat + kLanes, sum[i]);
+    for (int64_t j = 0; j < tile.lanes; ++j) {
+      lse[q0 + j * lane_step] = sc.stat[j] + std::log(sc.stat[kLanes + j]);
+    }
   }
 }
 
@@ -354,13 +547,23 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
                              float* out, float* lse) {
   std::vector<LaneTile> tiles = LaneTilesOfRow(s);
   const ColumnLayout layout(s, tiles);
+  const std::vector<int64_t> row_order = BlockedRowOrder(s);
+  const int64_t ring = KeyRowSpan(s);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()), rows = s.length[0] * s.length[1];
-  const int64_t G = s.group(), planes = s.batch * s.kv_heads, units = rows * n_tiles;
+  const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
+  const int64_t G = s.group(), units = n_blocks * n_tiles;
+  // kv heads that run together: as many as keep their transposed rows (k and v) within
+  // kHeadsBytes, so that they stay in the L2 cache.
+  constexpr double kHeadsBytes = 640 * 1024;
+  const int64_t head_bytes = 2 * 4 * PlaneTransposed::HeadFloats(s, layout, ring);
+  const int64_t chunk = std::clamp<int64_t>(static_cast<int64_t>(kHeadsBytes / head_bytes), 1,
+                                            s.kv_heads);
+  const int64_t chunks = (s.kv_heads + chunk - 1) / chunk, planes = s.batch * chunks;
   const bool threads = WorthThreads(s);
-  // Each worker transposes the (batch, kv head) planes it works on into its own buffers, so
+  // Each worker transposes the (batch, kv heads) planes it works on into its own buffers, so
   // that workers meet only at the end: on a busy machine every barrier waits for whichever
   // thread was descheduled. With fewer planes than workers, planes are split into bands of
-  // (row, tile) units, each transposing only the key rows its windows cover.
+  // (row block, tile) units, each transposing only the key rows its windows cover.
   const int64_t P = threads ? workers.size() : 1;
   const int64_t bands = std::min(units, (P + planes - 1) / planes);
   const int64_t band_len = (units + bands - 1) / bands;
@@ -369,26 +572,42 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
     PlaneTransposed kt, vt;
   };
   ForEachItem(workers, threads, planes * bands,
-              [&] { return Scratch{LaneScratch(s, 1), PlaneTransposed(s, layout, 0),
-                                   PlaneTransposed(s, layout, 1)}; },
+              [&] {
+                return Scratch{LaneScratch(s, kRowBlock),
+                               PlaneTransposed(s, layout, ring, chunk, 0),
+                               PlaneTransposed(s, layout, ring, chunk, 1)};
+              },
               [&](Scratch& sc, int64_t item) {
-    LaneTask t;
-    t.b = item / bands / s.kv_heads;
-    t.hk = item / bands % s.kv_heads;
+    const int64_t b = item / bands / chunks, hk0 = item / bands % chunks * chunk;
+    const int64_t heads = std::min(chunk, s.kv_heads - hk0);
     const int64_t u0 = item % bands * band_len, u1 = std::min(units, u0 + band_len);
-    t.key_row = sc.lanes.key_row.data();
-    t.bias_row = sc.lanes.bias_row.data();
-    t.row = -1;
-    for (int64_t u = u0; u < u1; ++u) {
-      if (u / n_tiles != t.row) {
-        t.row = u / n_tiles;
-        t.n_rows = KeyRowsOf(s, t.row, sc.lanes.key_row.data(), sc.lanes.bias_row.data());
-        CoverKeyRows(k, v, t.b, t.hk, t.key_row, t.n_rows, sc.kt, sc.vt);
+    // The query rows of q and out that unit u reads and writes, all heads.
+    auto prefetch = [&](int64_t u) {
+      const LaneTile& tile = tiles[u % n_tiles];
+      for (int64_t i = 0; i < std::min<int64_t>(kRowBlock, rows - u / n_tiles * kRowBlock); ++i) {
+        const int64_t row = row_order[u / n_tiles * kRowBlock + i];
+        PrefetchTile<false>(s, q, b, row, tile, hk0 * G, heads * G);
+        PrefetchTile<true>(s, out, b, row, tile, hk0 * G, heads * G);
       }
-      t.tile = &tiles[u % n_tiles];
-      for (int64_t g = 0; g < G; ++g) {  // heads sharing the kv head: the same key rows
-        t.h = t.hk * G + g;
-        LaneForwardTile(s, t, sc.kt, sc.vt, q, rpb, scale, sc.lanes, out, lse);
+    };
+    LaneBlock blk;
+    int64_t block = -1;
+    for (int64_t u = u0; u < u1; ++u) {
+      if (u + 1 < u1) prefetch(u + 1);
+      if (u / n_tiles != block) {
+        block = u / n_tiles;
+        StartBlock(s, row_order, block, b, sc.lanes, blk);
+        CoverKeyRows(k, v, b, hk0, heads, blk.union_row, blk.n_union, sc.kt, sc.vt);
+      }
+      for (int64_t i = 0; i < blk.n; ++i) blk.task[i].tile = &tiles[u % n_tiles];
+      for (int64_t hk = hk0; hk < hk0 + heads; ++hk) {
+        for (int64_t g = 0; g < G; ++g) {  // heads sharing the kv head: the same key rows
+          for (int64_t i = 0; i < blk.n; ++i) {
+            blk.task[i].hk = hk;
+            blk.task[i].h = hk * G + g;
+          }
+          LaneForwardTile(s, blk, sc.kt, sc.vt, q, rpb, scale, sc.lanes, out, lse);
+        }
       }
     }
   });
@@ -406,60 +625,71 @@ inline Vf LaneStat(const NaGeometry& s, const LaneTask& t, const float* x) {
   return r;
 }
 
-// One head of one tile: probabilities p (into sc.s0 + g * slots * kLanes) and scale * ds
-// (into sc.s1 + ...), the rpb gradient of the head (rpb_grad, or nullptr), and dq of its
-// queries.
-inline void LaneBackwardHead(const NaGeometry& s, const LaneTask& t, const PlaneTransposed& kt,
+// Head g (of the kv head's G) of one tile in the query rows of a block: for query row i,
+// probabilities p (into sc.s0 + (i * G + g) * slots * kLanes) and scale * ds (into sc.s1 +
+// ...), compact copies of its q and dout rows (sc.q_rows, sc.dout_rows + (i * G + g) * kLanes
+// * Dp), and dq of its queries; and the rpb gradient of the head (rpb_grad, or nullptr).
+inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const PlaneTransposed& kt,
                              const PlaneTransposed& vt, const float* q, const float* rpb,
                              const float* dout, const float* lse, const float* delta,
                              float scale, int64_t g, LaneScratch& sc, float* rpb_grad,
                              float* dq) {
-  const LaneTile& tile = *t.tile;
-  const int64_t K2 = s.kernel[2], W = kt.width(), D = s.dim, Dp = PaddedDim(s);
-  const int64_t n_slots = t.n_rows * K2;
-  const int32_t* rel = tile.shifted ? nullptr : tile.rel;
-  float* p = sc.s0 + g * sc.slots * kLanes;
-  float* ds = sc.s1 + g * sc.slots * kLanes;
-  float* dp = sc.s2;
-  const float* rows[kLanes];
-  float* q_copy = sc.q_rows.data() + g * kLanes * Dp;
-  float* dout_copy = sc.dout_rows.data() + g * kLanes * Dp;
-  for (int j = 0; j < kLanes; ++j) rows[j] = t.query_row(s, q, j);
-  StoreTransposed(rows, kLanes, D, scale, sc.xt.data(), kLanes);
-  for (int64_t j = 0; j < tile.lanes; ++j) std::copy(rows[j], rows[j] + D, q_copy + j * Dp);
-  for (int j = 0; j < kLanes; ++j) rows[j] = t.query_row(s, dout, j);
-  StoreTransposed(rows, kLanes, D, 1.0f, sc.yt.data(), kLanes);
-  for (int64_t j = 0; j < tile.lanes; ++j) std::copy(rows[j], rows[j] + D, dout_copy + j * Dp);
-  for (int64_t r = 0; r < t.n_rows; ++r) {
-    LaneDots(sc.xt.data(), t.transposed(kt, r), W, D, K2, rel, tile.aligned, p + r * K2 * kLanes);
-    LaneDots(sc.yt.data(), t.transposed(vt, r), W, D, K2, rel, tile.aligned, dp + r * K2 * kLanes);
+  const LaneTile& tile = *blk.task[0].tile;
+  const int64_t K2 = s.kernel[2], D = s.dim, Dp = PaddedDim(s), G = s.group();
+  float* xt[kRowBlock];
+  float* yt[kRowBlock];
+  float* p[kRowBlock];
+  float* ds[kRowBlock];
+  float* dp[kRowBlock];
+  for (int64_t i = 0; i < blk.n; ++i) {
+    const LaneTask& t = blk.task[i];
+    xt[i] = sc.xt.data() + i * D * kLanes;
+    yt[i] = sc.yt.data() + i * D * kLanes;
+    p[i] = sc.s0 + (i * G + g) * sc.slots * kLanes;
+    ds[i] = sc.s1 + (i * G + g) * sc.slots * kLanes;
+    dp[i] = sc.s2 + i * sc.slots * kLanes;
+    float* q_copy = sc.q_rows.data() + (i * G + g) * kLanes * Dp;
+    float* dout_copy = sc.dout_rows.data() + (i * G + g) * kLanes * Dp;
+    t.LoadTransposed(s, q, scale, xt[i]);
+    t.LoadTransposed(s, dout, 1.0f, yt[i]);
+    for (int64_t j = 0; j < tile.lanes; ++j) {
+      std::copy(t.query_row(s, q, j), t.query_row(s, q, j) + D, q_copy + j * Dp);
+      std::copy(t.query_row(s, dout, j), t.query_row(s, dout, j) + D, dout_copy + j * Dp);
+    }
   }
-  FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, p);
-  const Vf lse_v = LaneStat(s, t, lse);
-  const Vf delta_v = LaneStat(s, t, delta);
+  BlockDots(s, blk, kt, xt, p);
+  BlockDots(s, blk, vt, yt, dp);
   const Vi count = LoadI(tile.count);
-  for (int64_t n = 0; n < n_slots; ++n) {
-    // Masked slots hold -inf logits: p = 0 there, and ds = 0 whatever dp holds.
-    const Vi valid = count > Set1I(static_cast<int32_t>(n % K2));
-    const Vf pv = Select(valid, Exp(Load(p + n * kLanes) - lse_v), Vf{});
-    const Vf dsv = Select(valid, pv * (Load(dp + n * kLanes) - delta_v), Vf{});
-    Store(p + n * kLanes, pv);
-    Store(ds + n * kLanes, Set1(scale) * dsv);
-    if (rpb_grad != nullptr) {  // dsv is 0 at masked slots
-      float* bias = rpb_grad + t.bias_row[n / K2] + n % K2;
-      if (tile.same_rpb) {
-        float sum = 0.0f;
-        for (int64_t j = 0; j < tile.lanes; ++j) sum += dsv[j];
-        bias[tile.rpb0[0]] += sum;
-      } else {
-        for (int64_t j = 0; j < tile.lanes; ++j) bias[tile.rpb0[j]] += dsv[j];
+  for (int64_t i = 0; i < blk.n; ++i) {
+    const LaneTask& t = blk.task[i];
+    FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, p[i]);
+    const Vf lse_v = LaneStat(s, t, lse);
+    const Vf delta_v = LaneStat(s, t, delta);
+    for (int64_t n = 0; n < t.n_rows * K2; ++n) {
+      // Masked slots hold -inf logits: p = 0 there, and ds = 0 whatever dp holds.
+      const Vi valid = count > Set1I(static_cast<int32_t>(n % K2));
+      const Vf pv = Select(valid, Exp(Load(p[i] + n * kLanes) - lse_v), Vf{});
+      const Vf dsv = Select(valid, pv * (Load(dp[i] + n * kLanes) - delta_v), Vf{});
+      Store(p[i] + n * kLanes, pv);
+      Store(ds[i] + n * kLanes, Set1(scale) * dsv);
+      if (rpb_grad != nullptr) {  // dsv is 0 at masked slots
+        float* bias = rpb_grad + t.bias_row[n / K2] + n % K2;
+        if (tile.same_rpb) {
+          float sum = 0.0f;
+          for (int64_t j = 0; j < tile.lanes; ++j) sum += dsv[j];
+          bias[tile.rpb0[0]] += sum;
+        } else {
+          for (int64_t j = 0; j < tile.lanes; ++j) bias[tile.rpb0[j]] += dsv[j];
+        }
       }
     }
   }
-  for (int64_t r = 0; r < t.n_rows; ++r) sc.rows[r] = t.transposed(kt, r);
-  LaneColumnSums(ds, sc.rows.data(), t.n_rows, K2, W, D, rel, tile.aligned, sc.yt.data());
-  const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
-  StoreLanesToRows(sc.yt.data(), tile.lanes, D, dq + q0 * D, s.dilation[2] * s.heads * D);
+  BlockColumnSums(s, blk, kt, ds, sc, yt);  // dq, over dout's transposed rows
+  for (int64_t i = 0; i < blk.n; ++i) {
+    const LaneTask& t = blk.task[i];
+    const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
+    StoreLanesToRows(yt[i], tile.lanes, D, dq + q0 * D, s.dilation[2] * s.heads * D);
+  }
 }
 
 // acc_a / acc_b rows of every key that the tile's windows cover += sum over the (head, lane)
@@ -511,17 +741,21 @@ inline void LaneScatterRows(const NaGeometry& s, const LaneTask& t, const float*
   }
 }
 
-// dk += scale * ds q and dv += p dout over the tile's windows.
-inline void LaneScatter(const NaGeometry& s, const LaneTask& t, const LaneScratch& sc,
+// dk += scale * ds q and dv += p dout over the windows of the tile in query row i of its
+// block (LaneBackwardHead's results for the G heads).
+inline void LaneScatter(const NaGeometry& s, const LaneTask& t, int64_t i, const LaneScratch& sc,
                         const ScatterItem& it) {
-  const float* q = sc.q_rows.data();
-  const float* dout = sc.dout_rows.data();
+  const int64_t G = s.group();
+  const float* q = sc.q_rows.data() + i * G * kLanes * PaddedDim(s);
+  const float* dout = sc.dout_rows.data() + i * G * kLanes * PaddedDim(s);
+  const float* ds = sc.s1 + i * G * sc.slots * kLanes;
+  const float* p = sc.s0 + i * G * sc.slots * kLanes;
   // Up to 4 vectors of each row stay in registers; longer rows go 4 vectors at a time.
   constexpr int kChunk = 4;
   const int64_t Dp = PaddedDim(s);
   for (int64_t d = 0; d < Dp; d += kChunk * kLanes) {
     WithCount<kChunk>((std::min<int64_t>(Dp - d, kChunk * kLanes)) / kLanes, [&](auto nc) {
-      LaneScatterRows<decltype(nc)::value>(s, t, sc.s1, sc.s0, q, dout, it, d);
+      LaneScatterRows<decltype(nc)::value>(s, t, ds, p, q, dout, it, d);
     });
   }
 }
@@ -532,40 +766,42 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
                               float scale, float* dq, float* dk, float* dv, float* drpb) {
   std::vector<LaneTile> tiles = LaneTilesOfRow(s);
   const ColumnLayout layout(s, tiles);
+  const std::vector<int64_t> row_order = BlockedRowOrder(s);
+  const int64_t ring = KeyRowSpan(s);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()), rows = s.length[0] * s.length[1];
+  const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
   const int64_t G = s.group(), RR = s.rpb_size();
   struct Scratch {
     LaneScratch lanes;
     PlaneTransposed kt, vt;
   };
-  ForEachScatterItem(s, workers, rows * n_tiles, PaddedDim(s), dk, dv,
+  ForEachScatterItem(s, workers, n_blocks * n_tiles, PaddedDim(s), dk, dv,
                      rpb != nullptr ? drpb : nullptr,
                      [&] {
-                       return Scratch{LaneScratch(s, G), PlaneTransposed(s, layout, 0),
-                                      PlaneTransposed(s, layout, 1)};
+                       return Scratch{LaneScratch(s, kRowBlock * G),
+                                      PlaneTransposed(s, layout, ring, 1, 0),
+                                      PlaneTransposed(s, layout, ring, 1, 1)};
                      },
                      [&](Scratch& sc, const ScatterItem& it) {
-    int64_t last_row = -1, n_rows = 0;
-    for (int64_t i = it.tile_begin; i < it.tile_end; ++i) {
-      LaneTask t;
-      t.tile = &tiles[i % n_tiles];
-      t.row = i / n_tiles;
-      t.b = it.b;
-      t.hk = it.hk;
-      if (t.row != last_row) {
-        n_rows = KeyRowsOf(s, t.row, sc.lanes.key_row.data(), sc.lanes.bias_row.data());
-        CoverKeyRows(k, v, it.b, it.hk, sc.lanes.key_row.data(), n_rows, sc.kt, sc.vt);
-        last_row = t.row;
+    LaneBlock blk;
+    int64_t block = -1;
+    for (int64_t u = it.tile_begin; u < it.tile_end; ++u) {
+      if (u / n_tiles != block) {
+        block = u / n_tiles;
+        StartBlock(s, row_order, block, it.b, sc.lanes, blk);
+        CoverKeyRows(k, v, it.b, it.hk, 1, blk.union_row, blk.n_union, sc.kt, sc.vt);
       }
-      t.n_rows = n_rows;
-      t.key_row = sc.lanes.key_row.data();
-      t.bias_row = sc.lanes.bias_row.data();
+      for (int64_t i = 0; i < blk.n; ++i) {
+        blk.task[i].tile = &tiles[u % n_tiles];
+        blk.task[i].hk = it.hk;
+      }
       for (int64_t g = 0; g < G; ++g) {
-        t.h = it.hk * G + g;
-        LaneBackwardHead(s, t, sc.kt, sc.vt, q, rpb, dout, lse, delta, scale, g, sc.lanes,
+        for (int64_t i = 0; i < blk.n; ++i) blk.task[i].h = it.hk * G + g;
+        LaneBackwardHead(s, blk, sc.kt, sc.vt, q, rpb, dout, lse, delta, scale, g, sc.lanes,
                          it.rpb != nullptr ? it.rpb + g * RR : nullptr, dq);
       }
-      LaneScatter(s, t, sc.lanes, it);  // all G heads' contributions, one pass over the keys
+      // All G heads' contributions, one pass over the keys per query row.
+      for (int64_t i = 0; i < blk.n; ++i) LaneScatter(s, blk.task[i], i, sc.lanes, it);
     }
   });
 }

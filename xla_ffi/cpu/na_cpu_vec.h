@@ -98,23 +98,69 @@ inline Vf Shift(Vf lo, Vf hi) {
   return ShiftImpl(lo, hi, ShiftIndices<kShift>(std::make_integer_sequence<int, kLanes>()));
 }
 
-// Interleaves of two vectors: a0 b0 a1 b1 ... from the low halves (kHigh: from the high).
-template <bool kHigh, int... I>
-inline Vf Zip(Vf a, Vf b, std::integer_sequence<int, I...>) {
-  return __builtin_shufflevector(a, b, ((I / 2) + (kHigh ? kLanes / 2 : 0) + (I % 2) * kLanes)...);
+// Lane p of the result is lane Index(p) of the 2 * kLanes in (a, b): shuffles within the 4-float
+// blocks that every instruction set's vectors are made of (cheap single instructions), or of
+// whole blocks.
+template <typename Index, int... P>
+inline Vf ShuffleBy(Vf a, Vf b, std::integer_sequence<int, P...>) {
+  return __builtin_shufflevector(a, b, Index::at(P)...);
 }
+template <typename Index>
+inline Vf Shuffle(Vf a, Vf b) {
+  return ShuffleBy<Index>(a, b, std::make_integer_sequence<int, kLanes>());
+}
+// Per block: a0 b0 a1 b1 (kHigh: a2 b2 a3 b3).
+template <int kHigh>
+struct Unpack {
+  static constexpr int at(int p) { return p / 4 * 4 + 2 * kHigh + p % 4 / 2 + p % 2 * kLanes; }
+};
+// Per block: a0 a1 b0 b1 (kHigh: a2 a3 b2 b3).
+template <int kHigh>
+struct Pairs {
+  static constexpr int at(int p) { return p / 4 * 4 + 2 * kHigh + p % 2 + p % 4 / 2 * kLanes; }
+};
+// Whole blocks: the even (kOdd: odd) blocks of a, then those of b.
+template <int kOdd>
+struct Blocks {
+  static constexpr int half = kLanes >= 8 ? kLanes / 8 : 1;  // blocks taken from each of a and b
+  static constexpr int at(int p) {
+    return p / 4 / half * kLanes + (p / 4 % half * 2 + kOdd) * 4 + p % 4;
+  }
+};
 
-// In-register transpose of kLanes vectors: r[i] lane j becomes r[j] lane i. Each round
-// interleaves vector i with vector i + kLanes / 2; log2(kLanes) rounds transpose.
+// In-register transpose of kLanes vectors: r[i] lane j becomes r[j] lane i. Two rounds within
+// 4-float blocks transpose each 4 x 4 block; then rounds of whole blocks (none with 4 lanes)
+// move the blocks to their places.
 inline void Transpose(Vf* r) {
-  constexpr auto seq = std::make_integer_sequence<int, kLanes>();
-  for (int round = 1; round < kLanes; round *= 2) {
-    Vf t[kLanes];
-    for (int i = 0; i < kLanes / 2; ++i) {
-      t[2 * i] = Zip<false>(r[i], r[i + kLanes / 2], seq);
-      t[2 * i + 1] = Zip<true>(r[i], r[i + kLanes / 2], seq);
+  Vf t[kLanes];
+  for (int i = 0; i < kLanes / 2; ++i) {
+    t[2 * i] = Shuffle<Unpack<0>>(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = Shuffle<Unpack<1>>(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4g + c], block k: rows 4g .. 4g + 3 of column 4k + c.
+  for (int g = 0; g < kLanes / 4; ++g) {
+    r[4 * g] = Shuffle<Pairs<0>>(t[4 * g], t[4 * g + 2]);
+    r[4 * g + 1] = Shuffle<Pairs<1>>(t[4 * g], t[4 * g + 2]);
+    r[4 * g + 2] = Shuffle<Pairs<0>>(t[4 * g + 1], t[4 * g + 3]);
+    r[4 * g + 3] = Shuffle<Pairs<1>>(t[4 * g + 1], t[4 * g + 3]);
+  }
+  if constexpr (kLanes == 8) {
+    for (int c = 0; c < 4; ++c) {
+      const Vf lo = Shuffle<Blocks<0>>(r[c], r[4 + c]), hi = Shuffle<Blocks<1>>(r[c], r[4 + c]);
+      r[c] = lo;
+      r[4 + c] = hi;
     }
-    for (int i = 0; i < kLanes; ++i) r[i] = t[i];
+  } else if constexpr (kLanes == 16) {
+    for (int c = 0; c < 4; ++c) {
+      // Blocks 0 and 2, 1 and 3 of the four vectors' columns 4k + c; then each column whole.
+      const Vf v0 = Shuffle<Blocks<0>>(r[c], r[4 + c]), v1 = Shuffle<Blocks<1>>(r[c], r[4 + c]);
+      const Vf v2 = Shuffle<Blocks<0>>(r[8 + c], r[12 + c]);
+      const Vf v3 = Shuffle<Blocks<1>>(r[8 + c], r[12 + c]);
+      r[c] = Shuffle<Blocks<0>>(v0, v2);
+      r[8 + c] = Shuffle<Blocks<1>>(v0, v2);
+      r[4 + c] = Shuffle<Blocks<0>>(v1, v3);
+      r[12 + c] = Shuffle<Blocks<1>>(v1, v3);
+    }
   }
 }
 
