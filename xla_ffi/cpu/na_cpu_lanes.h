@@ -692,50 +692,72 @@ inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const Pl
   }
 }
 
-// acc_a / acc_b rows of every key that the tile's windows cover += sum over the (head, lane)
-// pairs that see the key of weight * (the pair's row of xa / xb, [heads][kLanes][Dp]): one
-// read-modify-write per key. Pair (g, j) sees key column start0 + c at slot c - rel[j] of
-// its lane matrices wa / wb. Columns d0 .. d0 + kLanes * NC of the rows (accumulator rows
-// and xa / xb rows are Dp = PaddedDim floats long).
+// Vectors of a row that LaneScatterRows updates per pass, and key rows it updates at once: NC
+// accumulator vectors for each of dk and dv per key row and the two weights in registers
+// (the q and dout rows are memory operands). Two key rows even where they overflow the
+// registers a little, as with 4 vectors and 16 registers: faster than one, measured.
+inline constexpr int kScatterChunk = 4;
 template <int NC>
-inline void LaneScatterRows(const NaGeometry& s, const LaneTask& t, const float* wa,
+inline constexpr int kScatterKeyRows = std::clamp((kRegisters - 2) / (2 * NC), 2, 4);
+
+// acc_a / acc_b rows of the keys in key rows [r0, r0 + R) at the tile's columns += the sum over
+// the (head, lane) pairs that see the key of weight * (the pair's row of xa / xb,
+// [heads][kLanes][Dp]): one read-modify-write per key. Pair (g, j) sees key column start0 + c
+// at slot c - rel[j] of its lane matrices wa / wb. Which lanes see a column depends on the
+// tile alone, so R key rows share the walk over columns and lanes (and the lanes' rows, hot
+// in the cache), and their accumulators are R independent chains of multiply-adds. Columns d0 .. d0 + kLanes * NC of the rows
+// (accumulator rows and xa / xb rows are Dp = PaddedDim floats long).
+template <int NC, int R>
+inline void LaneScatterRows(const NaGeometry& s, const LaneTask& t, int64_t r0, const float* wa,
                             const float* wb, const float* xa, const float* xb,
                             const ScatterItem& it, int64_t d0) {
   const LaneTile& tile = *t.tile;
   const int64_t Dp = PaddedDim(s), G = s.group(), K2 = s.kernel[2], slots = s.window();
-  int32_t lane_w[kLanes];  // lane j's weight at key column c: wa[(c + slot row) * kLanes + lane_w[j]]
+  const int64_t key_step = s.dilation[2] * it.stride;  // between a key row's columns
+  int32_t lane_w[kLanes];  // lane j's weight at key column c: wa[c * kLanes + lane_w[j]]
   for (int j = 0; j < kLanes; ++j) lane_w[j] = j - tile.rel[j] * kLanes;
-  for (int64_t r = 0; r < t.n_rows; ++r) {
-    int64_t jlo = 0, jhi = 0;
-    for (int64_t c = 0; c < tile.span; ++c) {  // key column start0 + c
-      // Windows start and end in non-decreasing order: the lanes seeing c are a range.
-      while (jhi < tile.lanes && tile.rel[jhi] <= c) ++jhi;
-      while (jlo < jhi && tile.rel[jlo] + tile.count[jlo] <= c) ++jlo;
-      if (jlo == jhi) continue;
-      const int64_t key = t.key_token(s, r, tile.start0 + c);
-      float* ka = it.acc_a + key * it.stride + d0;
-      float* kb = it.acc_b + key * it.stride + d0;
-      Vf a[NC], b[NC];
+  float* ka[R];
+  float* kb[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t key0 = t.key_token(s, r0 + r, tile.start0);
+    ka[r] = it.acc_a + key0 * it.stride + d0;
+    kb[r] = it.acc_b + key0 * it.stride + d0;
+  }
+  wa += r0 * K2 * kLanes;
+  wb += r0 * K2 * kLanes;
+  int64_t jlo = 0, jhi = 0;
+  for (int64_t c = 0; c < tile.span; ++c) {  // key column start0 + c
+    // Windows start and end in non-decreasing order: the lanes seeing c are a range.
+    while (jhi < tile.lanes && tile.rel[jhi] <= c) ++jhi;
+    while (jlo < jhi && tile.rel[jlo] + tile.count[jlo] <= c) ++jlo;
+    if (jlo == jhi) continue;
+    Vf a[R][NC], b[R][NC];
+    for (int r = 0; r < R; ++r) {
       for (int v = 0; v < NC; ++v) {
-        a[v] = LoadU(ka + kLanes * v);
-        b[v] = LoadU(kb + kLanes * v);
+        a[r][v] = LoadU(ka[r] + c * key_step + kLanes * v);
+        b[r][v] = LoadU(kb[r] + c * key_step + kLanes * v);
       }
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t w0 = (g * slots + r * K2 + c) * kLanes;
-        for (int64_t j = jlo; j < jhi; ++j) {
-          const Vf va = Set1(wa[w0 + lane_w[j]]);
-          const Vf vb = Set1(wb[w0 + lane_w[j]]);
-          const float* ra = xa + (g * kLanes + j) * Dp + d0;
-          const float* rb = xb + (g * kLanes + j) * Dp + d0;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const float* wa_c = wa + (g * slots + c) * kLanes;
+      const float* wb_c = wb + (g * slots + c) * kLanes;
+      for (int64_t j = jlo; j < jhi; ++j) {
+        const float* ra = xa + (g * kLanes + j) * Dp + d0;
+        const float* rb = xb + (g * kLanes + j) * Dp + d0;
+        for (int r = 0; r < R; ++r) {
+          const Vf va = Set1(wa_c[r * K2 * kLanes + lane_w[j]]);
+          const Vf vb = Set1(wb_c[r * K2 * kLanes + lane_w[j]]);
           for (int v = 0; v < NC; ++v) {
-            a[v] = Fma(va, LoadU(ra + kLanes * v), a[v]);
-            b[v] = Fma(vb, LoadU(rb + kLanes * v), b[v]);
+            a[r][v] = Fma(va, LoadU(ra + kLanes * v), a[r][v]);
+            b[r][v] = Fma(vb, LoadU(rb + kLanes * v), b[r][v]);
           }
         }
       }
+    }
+    for (int r = 0; r < R; ++r) {
       for (int v = 0; v < NC; ++v) {
-        StoreU(ka + kLanes * v, a[v]);
-        StoreU(kb + kLanes * v, b[v]);
+        StoreU(ka[r] + c * key_step + kLanes * v, a[r][v]);
+        StoreU(kb[r] + c * key_step + kLanes * v, b[r][v]);
       }
     }
   }
@@ -750,12 +772,18 @@ inline void LaneScatter(const NaGeometry& s, const LaneTask& t, int64_t i, const
   const float* dout = sc.dout_rows.data() + i * G * kLanes * PaddedDim(s);
   const float* ds = sc.s1 + i * G * sc.slots * kLanes;
   const float* p = sc.s0 + i * G * sc.slots * kLanes;
-  // Up to 4 vectors of each row stay in registers; longer rows go 4 vectors at a time.
-  constexpr int kChunk = 4;
+  // Longer rows go kScatterChunk vectors at a time, key rows kScatterKeyRows at a time.
   const int64_t Dp = PaddedDim(s);
-  for (int64_t d = 0; d < Dp; d += kChunk * kLanes) {
-    WithCount<kChunk>((std::min<int64_t>(Dp - d, kChunk * kLanes)) / kLanes, [&](auto nc) {
-      LaneScatterRows<decltype(nc)::value>(s, t, ds, p, q, dout, it, d);
+  for (int64_t d = 0; d < Dp; d += kScatterChunk * kLanes) {
+    WithCount<kScatterChunk>((std::min<int64_t>(Dp - d, kScatterChunk * kLanes)) / kLanes,
+                             [&](auto nc) {
+      constexpr int NC = decltype(nc)::value;
+      for (int64_t r = 0; r < t.n_rows; r += kScatterKeyRows<NC>) {
+        WithCount<kScatterKeyRows<NC>>(std::min<int64_t>(kScatterKeyRows<NC>, t.n_rows - r),
+                                       [&](auto rows) {
+          LaneScatterRows<NC, decltype(rows)::value>(s, t, r, ds, p, q, dout, it, d);
+        });
+      }
     });
   }
 }

@@ -56,7 +56,9 @@ inline Vf LoadFirst(const float* p, int64_t n) {
 }
 inline void StoreFirst(float* p, Vf v, int64_t n) { __builtin_memcpy(p, &v, sizeof(float) * n); }
 
-inline Vf Set1(float x) { return Vf{} + x; }
+// x in every lane. (Not Vf{} + x: as 0 + -0 is +0, that is a real addition before the
+// broadcast, and keeps the broadcast from reading x straight from memory.)
+inline Vf Set1(float x) { return x - Vf{}; }
 inline Vi Set1I(int32_t x) { return Vi{} + x; }
 inline Vf Fma(Vf a, Vf b, Vf c) { return a * b + c; }
 inline Vf Max(Vf a, Vf b) { return a > b ? a : b; }
