@@ -700,18 +700,22 @@ inline constexpr int kScatterChunk = 4;
 template <int NC>
 inline constexpr int kScatterKeyRows = std::clamp((kRegisters - 2) / (2 * NC), 2, 4);
 
-// acc_a / acc_b rows of the keys in key rows [r0, r0 + R) at the tile's columns += the sum over
-// the (head, lane) pairs that see the key of weight * (the pair's row of xa / xb,
-// [heads][kLanes][Dp]): one read-modify-write per key. Pair (g, j) sees key column start0 + c
-// at slot c - rel[j] of its lane matrices wa / wb. Which lanes see a column depends on the
-// tile alone, so R key rows share the walk over columns and lanes (and the lanes' rows, hot
-// in the cache), and their accumulators are R independent chains of multiply-adds. Columns d0 .. d0 + kLanes * NC of the rows
-// (accumulator rows and xa / xb rows are Dp = PaddedDim floats long).
-template <int NC, int R>
-inline void LaneScatterRows(const NaGeometry& s, const LaneTask& t, int64_t r0, const float* wa,
-                            const float* wb, const float* xa, const float* xb,
+// acc_a / acc_b rows of the keys in R consecutive key rows of the block's union, from union
+// row u0, at the tile's columns += the sum over the query rows i in kMask (all of which see
+// these key rows) and their (head, lane) pairs that see the key of weight * (the pair's row
+// of xa[i] / xb[i], [heads][kLanes][Dp]): one read-modify-write per key for the whole block.
+// Pair (g, j) of query row i sees key column start0 + c at slot c - rel[j] of its lane
+// matrices wa[i] / wb[i] (from the key row's first slot). Which lanes see a column depends on
+// the tile alone, so the R key rows share the walk over columns and lanes (and the lanes'
+// rows, hot in the cache), and their accumulators are R independent chains of multiply-adds.
+// Columns d0 .. d0 + kLanes * NC of the rows (accumulator rows and xa / xb rows are Dp =
+// PaddedDim floats long).
+template <int NC, int R, int kMask>
+inline void LaneScatterRows(const NaGeometry& s, const LaneBlock& blk, int64_t u0,
+                            const float* const* wa, const float* const* wb,
+                            const float* const* xa, const float* const* xb,
                             const ScatterItem& it, int64_t d0) {
-  const LaneTile& tile = *t.tile;
+  const LaneTile& tile = *blk.task[0].tile;
   const int64_t Dp = PaddedDim(s), G = s.group(), K2 = s.kernel[2], slots = s.window();
   const int64_t key_step = s.dilation[2] * it.stride;  // between a key row's columns
   int32_t lane_w[kLanes];  // lane j's weight at key column c: wa[c * kLanes + lane_w[j]]
@@ -719,12 +723,11 @@ inline void LaneScatterRows(const NaGeometry& s, const LaneTask& t, int64_t r0, 
   float* ka[R];
   float* kb[R];
   for (int r = 0; r < R; ++r) {
-    const int64_t key0 = t.key_token(s, r0 + r, tile.start0);
+    const int64_t key0 =
+        blk.union_row[u0 + r] * s.length[2] + tile.group + tile.start0 * s.dilation[2];
     ka[r] = it.acc_a + key0 * it.stride + d0;
     kb[r] = it.acc_b + key0 * it.stride + d0;
   }
-  wa += r0 * K2 * kLanes;
-  wb += r0 * K2 * kLanes;
   int64_t jlo = 0, jhi = 0;
   for (int64_t c = 0; c < tile.span; ++c) {  // key column start0 + c
     // Windows start and end in non-decreasing order: the lanes seeing c are a range.
@@ -738,18 +741,21 @@ inline void LaneScatterRows(const NaGeometry& s, const LaneTask& t, int64_t r0, 
         b[r][v] = LoadU(kb[r] + c * key_step + kLanes * v);
       }
     }
-    for (int64_t g = 0; g < G; ++g) {
-      const float* wa_c = wa + (g * slots + c) * kLanes;
-      const float* wb_c = wb + (g * slots + c) * kLanes;
-      for (int64_t j = jlo; j < jhi; ++j) {
-        const float* ra = xa + (g * kLanes + j) * Dp + d0;
-        const float* rb = xb + (g * kLanes + j) * Dp + d0;
-        for (int r = 0; r < R; ++r) {
-          const Vf va = Set1(wa_c[r * K2 * kLanes + lane_w[j]]);
-          const Vf vb = Set1(wb_c[r * K2 * kLanes + lane_w[j]]);
-          for (int v = 0; v < NC; ++v) {
-            a[r][v] = Fma(va, LoadU(ra + kLanes * v), a[r][v]);
-            b[r][v] = Fma(vb, LoadU(rb + kLanes * v), b[r][v]);
+    for (int i = 0; i < kRowBlock; ++i) {
+      if (!(kMask >> i & 1)) continue;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* wa_c = wa[i] + (g * slots + c) * kLanes;
+        const float* wb_c = wb[i] + (g * slots + c) * kLanes;
+        for (int64_t j = jlo; j < jhi; ++j) {
+          const float* ra = xa[i] + (g * kLanes + j) * Dp + d0;
+          const float* rb = xb[i] + (g * kLanes + j) * Dp + d0;
+          for (int r = 0; r < R; ++r) {
+            const Vf va = Set1(wa_c[r * K2 * kLanes + lane_w[j]]);
+            const Vf vb = Set1(wb_c[r * K2 * kLanes + lane_w[j]]);
+            for (int v = 0; v < NC; ++v) {
+              a[r][v] = Fma(va, LoadU(ra + kLanes * v), a[r][v]);
+              b[r][v] = Fma(vb, LoadU(rb + kLanes * v), b[r][v]);
+            }
           }
         }
       }
@@ -763,26 +769,41 @@ inline void LaneScatterRows(const NaGeometry& s, const LaneTask& t, int64_t r0, 
   }
 }
 
-// dk += scale * ds q and dv += p dout over the windows of the tile in query row i of its
-// block (LaneBackwardHead's results for the G heads).
-inline void LaneScatter(const NaGeometry& s, const LaneTask& t, int64_t i, const LaneScratch& sc,
+// dk += scale * ds q and dv += p dout over the windows of one tile in the query rows of a
+// block (LaneBackwardHead's results for the G heads): each key row of the block's union once,
+// for all the query rows that see it.
+inline void LaneScatter(const NaGeometry& s, const LaneBlock& blk, const LaneScratch& sc,
                         const ScatterItem& it) {
-  const int64_t G = s.group();
-  const float* q = sc.q_rows.data() + i * G * kLanes * PaddedDim(s);
-  const float* dout = sc.dout_rows.data() + i * G * kLanes * PaddedDim(s);
-  const float* ds = sc.s1 + i * G * sc.slots * kLanes;
-  const float* p = sc.s0 + i * G * sc.slots * kLanes;
-  // Longer rows go kScatterChunk vectors at a time, key rows kScatterKeyRows at a time.
-  const int64_t Dp = PaddedDim(s);
+  const int64_t G = s.group(), K2 = s.kernel[2], Dp = PaddedDim(s);
+  // Longer rows go kScatterChunk vectors at a time; key rows kScatterKeyRows at a time, from
+  // runs of consecutive union rows that the same query rows see.
   for (int64_t d = 0; d < Dp; d += kScatterChunk * kLanes) {
     WithCount<kScatterChunk>((std::min<int64_t>(Dp - d, kScatterChunk * kLanes)) / kLanes,
                              [&](auto nc) {
-      constexpr int NC = decltype(nc)::value;
-      for (int64_t r = 0; r < t.n_rows; r += kScatterKeyRows<NC>) {
-        WithCount<kScatterKeyRows<NC>>(std::min<int64_t>(kScatterKeyRows<NC>, t.n_rows - r),
-                                       [&](auto rows) {
-          LaneScatterRows<NC, decltype(rows)::value>(s, t, r, ds, p, q, dout, it, d);
+      constexpr int NC = decltype(nc)::value, R = kScatterKeyRows<NC>;
+      for (int64_t u = 0; u < blk.n_union;) {
+        const int32_t mask = blk.of[u].mask;
+        int64_t n = 1;
+        while (n < R && u + n < blk.n_union && blk.of[u + n].mask == mask) ++n;
+        // Query row i's weights from key row u, and its q and dout rows.
+        const float* wa[kRowBlock] = {};
+        const float* wb[kRowBlock] = {};
+        const float* xa[kRowBlock] = {};
+        const float* xb[kRowBlock] = {};
+        for (int64_t i = 0; i < blk.n; ++i) {
+          const int64_t w0 = (i * G * sc.slots + blk.of[u].at[i] * K2) * kLanes;
+          wa[i] = sc.s1 + w0;  // scale * ds
+          wb[i] = sc.s0 + w0;  // p
+          xa[i] = sc.q_rows.data() + i * G * kLanes * Dp;
+          xb[i] = sc.dout_rows.data() + i * G * kLanes * Dp;
+        }
+        WithCount<R>(n, [&](auto rows) {
+          WithCount<(1 << kRowBlock) - 1>(mask, [&](auto m) {
+            LaneScatterRows<NC, decltype(rows)::value, decltype(m)::value>(s, blk, u, wa, wb,
+                                                                           xa, xb, it, d);
+          });
         });
+        u += n;
       }
     });
   }
@@ -828,8 +849,8 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
         LaneBackwardHead(s, blk, sc.kt, sc.vt, q, rpb, dout, lse, delta, scale, g, sc.lanes,
                          it.rpb != nullptr ? it.rpb + g * RR : nullptr, dq);
       }
-      // All G heads' contributions, one pass over the keys per query row.
-      for (int64_t i = 0; i < blk.n; ++i) LaneScatter(s, blk.task[i], i, sc.lanes, it);
+      // All G heads' and query rows' contributions, one pass over the keys.
+      LaneScatter(s, blk, sc.lanes, it);
     }
   });
 }
