@@ -101,7 +101,7 @@ MIXED = [
 ]
 
 
-# Configurations whose unit count no chunk of 2.5 tiles' worth of logits divides.
+# Configurations whose unit count no chunk of 2.5 units' worth of elements divides.
 PADDED = [
     dict(rank=1, spatial=(13,), kernel_size=(3,), stride=(1,), dilation=(1,), is_causal=(False,),
          heads=2, kv_heads=1),  # 7 units: 3 chunks of 3
@@ -119,9 +119,10 @@ def test_small_chunks_match_reference(c, per_chunk, monkeypatch):
   batch, tile = 3, (2,) * c["rank"]  # odd: the rpb gradient halves the batch unevenly
   monkeypatch.setitem(tiled.TILE, c["rank"], tile)
   nbhd = _checks.Neighborhood(*nbhd_args(c).values())
-  _, t, w = tiled._tile_dims(tiled.tiling(c["spatial"], nbhd, tile))
-  monkeypatch.setitem(tiled.CHUNK_ELEMENTS, "cpu", int(per_chunk * batch * c["heads"] * t * w))
-  q, k, v, rpb, _, _ = random_inputs(4, batch, c["spatial"], c["heads"], c["kv_heads"], 8,
+  dim = 8
+  per_unit = tiled.unit_elements(tiled.tiling(c["spatial"], nbhd, tile), batch, c["heads"], dim)
+  monkeypatch.setitem(tiled.CHUNK_ELEMENTS, "cpu", int(per_chunk * per_unit["cpu"]))
+  q, k, v, rpb, _, _ = random_inputs(4, batch, c["spatial"], c["heads"], c["kv_heads"], dim,
                                      rpb_shape=tuple(2 * k - 1 for k in c["kernel_size"]))
 
   def outputs_and_grads(backend):
