@@ -470,12 +470,13 @@ def _attend_bwd(scale, chunk, layout, residuals, cotangents):
 
 attend_tiles.defvjp(_attend_fwd, _attend_bwd)
 
-# Elements per chunk of units, per lowering platform. On CPU a chunk that stays in cache is
-# fastest, and its query, key and value tiles count as much as its logits (with head dim 64,
-# 1D L4096 K63 ran 15% faster in chunks of 4 units than of 8, with 2D 56² K7 at head dim 32
-# best at 5 or more); on an accelerator each chunk is a loop iteration of many small kernels,
-# so chunks there only bound memory (1 GiB of logits per array, each a float32 or wider).
-CHUNK_ELEMENTS = {"cpu": 7 << 17, "accelerator": 1 << 28}
+# The most elements per chunk of units, per lowering platform. On CPU a chunk that stays in
+# cache is fastest, and its query, key and value tiles count as much as its logits (1D L4096
+# K63 at head dim 64 ran 15% faster in chunks of 4 units than of 8, 2D 128² K13 5% faster in
+# chunks of 2 than of 3, 2D 56² K7 at head dim 32 best with 5 or more); on an accelerator
+# each chunk is a loop iteration of many small kernels, so chunks there only bound memory
+# (1 GiB of logits per array, each a float32 or wider).
+CHUNK_ELEMENTS = {"cpu": 17 << 16, "accelerator": 1 << 28}
 
 
 def unit_elements(tilings, batch, heads, dim):
@@ -507,9 +508,10 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
   per_unit = unit_elements(tilings, b, heads, dim)
 
   def run(platform):
-    """The chunk size and the attention for chunks of about ``CHUNK_ELEMENTS[platform]``."""
-    chunk = -(-units // min(units, -(-units * per_unit[platform] // CHUNK_ELEMENTS[platform])))
-    chunks = -(-units // chunk)
+    """The chunk size and the attention for chunks of at most ``CHUNK_ELEMENTS[platform]``
+    (or one unit), as even as that number of chunks allows."""
+    chunks = -(-units // max(1, CHUNK_ELEMENTS[platform] // per_unit[platform]))
+    chunk = -(-units // chunks)
     if chunk == units:  # one batch: cut tiles
       layout, padded = CutLayout(tilings), tables
     else:  # chunks gather theirs; the last chunk filled up with empty units

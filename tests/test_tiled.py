@@ -101,7 +101,7 @@ MIXED = [
 ]
 
 
-# Configurations whose unit count no chunk of 2.5 units' worth of elements divides.
+# Configurations whose unit count chunks of (at most) 3 units do not divide.
 PADDED = [
     dict(rank=1, spatial=(13,), kernel_size=(3,), stride=(1,), dilation=(1,), is_causal=(False,),
          heads=2, kv_heads=1),  # 7 units: 3 chunks of 3
@@ -110,7 +110,7 @@ PADDED = [
 ]
 
 
-@pytest.mark.parametrize("c, per_chunk", [(c, 1) for c in MIXED] + [(c, 2.5) for c in PADDED],
+@pytest.mark.parametrize("c, per_chunk", [(c, 1) for c in MIXED] + [(c, 3) for c in PADDED],
                          ids=["1d", "2d", "3d", "1d-padded", "2d-padded"])
 def test_small_chunks_match_reference(c, per_chunk, monkeypatch):
   """The CPU loop with 2-wide tiles, one per chunk or a few (the last chunk filled up with
