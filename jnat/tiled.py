@@ -10,8 +10,9 @@ halo (about ``(tile + kernel - 1) / kernel`` per axis over the windows alone) bu
 the matmul rate, where a per-query gather runs at the memory rate.
 
 Tiles run in chunks: on CPU, cache-sized chunks in a loop, each gathering its query tiles
-and key blocks from the tokens (``GatherLayout``); on accelerators, all at once, cut by
-reshapes and slices (``CutLayout``). All index math comes from ``reference.axis_windows``,
+and key blocks from the tokens (``GatherLayout``), a tile in two halves along its first axis
+where each half's windows reach well under the whole block (``KeySplit``); on accelerators,
+all at once, cut by reshapes and slices (``CutLayout``). All index math comes from ``reference.axis_windows``,
 so the tiles cannot drift from the reference's semantics.
 """
 
@@ -282,10 +283,60 @@ def _add_unit_bias_grad(drpb, ds, index):
 def _logits(q, k, mask, bias, scale):
   """q ``[U, B, H, T, D]``, k ``[U, B, H, W, D]``, mask ``[U, 1, T, W]``, bias ``[U, H, T, W]``
   or None -> masked logits ``[U, B, H, T, W]`` in the accumulation dtype."""
-  s = einsum("ubhtd,ubhwd->ubhtw", q, k, preferred_element_type=acc_dtype(q)) * scale
+  s = einsum("...td,...wd->...tw", q, k, preferred_element_type=acc_dtype(q)) * scale
   if bias is not None:
     s = s + bias[:, None]
   return jnp.where(mask[:, None], s, -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySplit:
+  """A tile's queries in ``parts`` runs along its first axis (contiguous, as that axis is the
+  slowest in a tile), each over only the contiguous run of its block's keys that the run's
+  windows reach (``width`` keys from each of ``starts``): with the block's keys fixed along
+  the first axis, a half of the tile needs about (T0/2 + K0 - 1) of its (T0 + K0 - 1) rows."""
+
+  parts: int
+  starts: tuple[int, ...]
+  width: int
+
+  def queries(self, x):
+    """``[U, B, H, T, *rest]`` -> ``[U, B, H, parts, T / parts, *rest]``."""
+    return x.reshape(*x.shape[:3], self.parts, -1, *x.shape[4:])
+
+  def keys(self, x):
+    """Keys gathered with the split table, ``[U, B, H, parts * width, D]`` -> ``[U, B, H,
+    parts, width, D]``."""
+    return x.reshape(*x.shape[:3], self.parts, self.width, *x.shape[4:])
+
+  def cut_tables(self, tables):
+    """The per-unit tables (mask ``[U, 1, T, W]``, rpb_index ``[U, T, W]`` or None, q_index,
+    k_index ``[U, W]``) per part: ``[U, 1, parts, T / parts, width]``, ``[U, parts, T / parts,
+    width]``, q_index as it is, and each part's keys in turn, ``[U, parts * width]``."""
+    mask, rpb_index, q_index, k_index = tables
+    per_part = lambda x: x.reshape(x.shape[0], self.parts, -1, x.shape[-1])
+    cut = lambda x: np.stack([x[:, j, :, s:s + self.width] for j, s in enumerate(self.starts)], 1)
+    mask = cut(per_part(mask[:, 0]))[:, None]
+    rpb_index = None if rpb_index is None else cut(per_part(rpb_index))
+    k_index = np.concatenate([k_index[:, s:s + self.width] for s in self.starts], axis=1)
+    return mask, rpb_index, q_index, k_index
+
+
+def key_split(mask, tilings, parts=2, most=0.85):
+  """The ``KeySplit`` of tiles with per-unit ``mask [U, T, W]``: the widest run of key rows,
+  along the first axis, that each part's queries see; None where that is over ``most`` of
+  the block's rows (or the parts do not divide the tile)."""
+  t0, halo0 = tilings[0].tile, tilings[0].halo
+  if t0 % parts:
+    return None
+  rows = mask.reshape(mask.shape[0], parts, -1, halo0, mask.shape[2] // halo0).any(axis=(0, 2, 4))
+  seen = [np.flatnonzero(r) for r in rows]
+  lo = [int(s[0]) if len(s) else 0 for s in seen]
+  width = max(int(s[-1]) + 1 - l if len(s) else 0 for s, l in zip(seen, lo))
+  if width > most * halo0:
+    return None
+  per_row = mask.shape[2] // halo0
+  return KeySplit(parts, tuple(min(l, halo0 - width) * per_row for l in lo), width * per_row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +351,7 @@ class GatherLayout:
   written."""
 
   rank: int
+  split: KeySplit | None = None  # each part of a tile over its own run of the block's keys
   transpose_first = True  # key-side products as XLA's CPU backend runs them fast
 
   def _tokens(self, x):
@@ -315,15 +367,25 @@ class GatherLayout:
     """``x [B, *spatial, H, *rest]`` at ``token_index [U, S]`` -> ``[U, B, H, S, *rest]``."""
     return self._swap(self._tokens(x).at[:, token_index].get(mode="clip"))
 
-  queries = keys = take
+  def queries(self, x, token_index):
+    x = self.take(x, token_index)
+    return x if self.split is None else self.split.queries(x)
+
+  def keys(self, x, token_index):
+    x = self.take(x, token_index)
+    return x if self.split is None else self.split.keys(x)
 
   def put_queries(self, acc, token_index, values):
     """``acc`` with the tiles' query rows set to ``values [U, B, H, T, *rest]``."""
+    if self.split is not None:
+      values = values.reshape(*values.shape[:3], -1, *values.shape[5:])
     rows = self._tokens(acc).at[:, token_index]
     return rows.set(self._swap(values).astype(acc.dtype), mode="drop").reshape(acc.shape)
 
   def add_keys(self, acc, token_index, values):
     """``acc`` plus ``values [U, B, H, W, D]`` added into the blocks' key rows."""
+    if self.split is not None:
+      values = values.reshape(*values.shape[:3], -1, *values.shape[5:])
     rows = self._tokens(acc).at[:, token_index]
     return rows.add(self._swap(values).astype(acc.dtype), mode="drop").reshape(acc.shape)
 
@@ -369,7 +431,7 @@ def _forward_units(carry, mask, rpb_index, q_index, k_index, query, key, value, 
   peak = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(peak), peak, 0.0))
   total = jnp.sum(p, axis=-1, keepdims=True)
-  out = einsum("ubhtw,ubhwd->ubhtd", p.astype(v.dtype), v, preferred_element_type=acc_dtype(q))
+  out = einsum("...tw,...wd->...td", p.astype(v.dtype), v, preferred_element_type=acc_dtype(q))
   some = total > 0
   out = out / jnp.where(some, total, 1.0)
   lse = jnp.where(some, peak + jnp.log(jnp.where(some, total, 1.0)), -jnp.inf)
@@ -404,11 +466,11 @@ def _backward_units(carry, mask, rpb_index, q_index, k_index, query, key, value,
   lse = layout.queries(lse, q_index)
   finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # fully masked rows: p = 0
   p = jnp.exp(s - finite_lse[..., None])
-  dp = einsum("ubhtd,ubhwd->ubhtw", do, v, preferred_element_type=acc)
+  dp = einsum("...td,...wd->...tw", do, v, preferred_element_type=acc)
   delta = softmax_delta(do, layout.queries(out, q_index), layout.queries(dlse, q_index))
   ds = p * (dp - delta[..., None])
   ds_low = ds.astype(q.dtype)
-  dq = einsum("ubhtw,ubhwd->ubhtd", ds_low, k, preferred_element_type=acc) * scale
+  dq = einsum("...tw,...wd->...td", ds_low, k, preferred_element_type=acc) * scale
   product = _transposed_product_cpu if layout.transpose_first else _transposed_product
   dk_acc = layout.add_keys(dk_acc, k_index, product(ds_low, q))  # scaled once, at the end
   dv_acc = layout.add_keys(dv_acc, k_index, product(p.astype(do.dtype), do))
@@ -515,8 +577,10 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
     if chunk == units:  # one batch: cut tiles
       layout, padded = CutLayout(tilings), tables
     else:  # chunks gather theirs; the last chunk filled up with empty units
-      layout = GatherLayout(nbhd.rank)
-      padded = _pad_units(tables, chunks * chunk, math.prod(spatial))
+      split = key_split(tables[0][:, 0], tilings) if platform == "cpu" else None
+      layout = GatherLayout(nbhd.rank, split)
+      padded = _pad_units(tables if split is None else split.cut_tables(tables),
+                          chunks * chunk, math.prod(spatial))
     return chunk, lambda *a: attend_tiles(*a, *padded, scale, chunk, layout)
 
   (cpu_chunk, cpu), (accelerator_chunk, accelerator) = map(run, ("cpu", "accelerator"))

@@ -68,6 +68,44 @@ def test_tables_encode_exactly_the_reference_windows(a):
   assert t.halo <= t.tile + 2 * a["kernel"]
 
 
+@st.composite
+def small_axes(draw):
+  kernel = draw(st.integers(2, 7))
+  dilation = draw(st.integers(1, 2))
+  return dict(length=kernel * dilation + draw(st.integers(0, 12)), kernel=kernel,
+              stride=draw(st.integers(1, kernel)), dilation=dilation, causal=draw(st.booleans()),
+              tile=draw(st.integers(2, 8)))
+
+
+def _visible_pairs(mask, rpb_index, q_index, k_index):
+  """{(unit, query token, key token, rpb entry)} of tables split into ``parts`` (mask ``[U,
+  1, parts, T / parts, W']``, rpb_index ``[U, parts, T / parts, W']``, k_index ``[U, parts *
+  W']``)."""
+  units, _, parts, per_part, width = mask.shape
+  u, j, t, w = np.nonzero(mask[:, 0])
+  return set(zip(u.tolist(), q_index[u, j * per_part + t].tolist(),
+                 k_index[u, j * width + w].tolist(), rpb_index[u, j, t, w].tolist()))
+
+
+@settings(SETTINGS, max_examples=300)
+@given(axes=st.lists(small_axes(), min_size=1, max_size=2))
+def test_split_tables_see_exactly_the_same_keys(axes):
+  """A tile split in two along its first axis, each half over its own run of the block's
+  keys, sees exactly the (query, key, rpb entry) pairs the whole tile does."""
+  nbhd = _checks.Neighborhood(*(tuple(a[f] for a in axes)
+                                for f in ("kernel", "stride", "dilation", "causal")))
+  tilings = tiled.tiling(tuple(a["length"] for a in axes), nbhd, tuple(a["tile"] for a in axes))
+  tables = (tiled.tile_mask(tilings), tiled.tile_rpb_index(tilings, (1,) + tuple(
+      2 * a["kernel"] - 1 for a in axes)), tiled.query_token_index(tilings),
+      tiled.key_token_index(tilings))
+  split = tiled.key_split(tables[0][:, 0], tilings, most=1.0)
+  if split is None:  # the tile's first axis is odd
+    assert tilings[0].tile % 2
+    return
+  whole = (tables[0][:, :, None], tables[1][:, None], tables[2], tables[3])
+  assert _visible_pairs(*split.cut_tables(tables)) == _visible_pairs(*whole)
+
+
 # --- Numbers: the xla reference on the shared pool of random shape buckets. ---
 # (NATTEN's golden data: tests/test_ops_golden.py runs every backend, this one included.)
 
@@ -110,17 +148,34 @@ PADDED = [
 ]
 
 
-@pytest.mark.parametrize("c, per_chunk", [(c, 1) for c in MIXED] + [(c, 3) for c in PADDED],
-                         ids=["1d", "2d", "3d", "1d-padded", "2d-padded"])
+# Configurations with tiles deep enough along their first axis that each half of a tile
+# runs over its own part of the block's keys (``tiled.KeySplit``).
+SPLIT = [
+    dict(rank=1, spatial=(40,), kernel_size=(7,), stride=(1,), dilation=(2,), is_causal=(False,),
+         heads=2, kv_heads=1, tile=(8,)),
+    dict(rank=2, spatial=(19, 11), kernel_size=(5, 3), stride=(1, 2), dilation=(1, 1),
+         is_causal=(False, True), heads=2, kv_heads=2, tile=(8, 4)),
+    dict(rank=3, spatial=(8, 6, 5), kernel_size=(3, 3, 2), stride=(1, 2, 1), dilation=(1, 1, 2),
+         is_causal=(True, False, False), heads=2, kv_heads=1, tile=(4, 2, 2)),
+]
+
+
+@pytest.mark.parametrize("c, per_chunk", [(c, 1) for c in MIXED] + [(c, 3) for c in PADDED] +
+                         [(c, 1) for c in SPLIT],
+                         ids=["1d", "2d", "3d", "1d-padded", "2d-padded", "1d-split", "2d-split",
+                              "3d-split"])
 def test_small_chunks_match_reference(c, per_chunk, monkeypatch):
-  """The CPU loop with 2-wide tiles, one per chunk or a few (the last chunk filled up with
+  """The CPU loop with small tiles, one per chunk or a few (the last chunk filled up with
   empty units), so that many chunks gather overlapping key blocks and add their key
-  gradients into the loop's carry (the random buckets mostly fit in one chunk)."""
-  batch, tile = 3, (2,) * c["rank"]  # odd: the rpb gradient halves the batch unevenly
+  gradients into the loop's carry (the random buckets mostly fit in one chunk); and tiles
+  split over their keys, in exactly the configurations meant to be."""
+  batch, tile = 3, c.get("tile", (2,) * c["rank"])  # odd: the rpb gradient halves the batch unevenly
   monkeypatch.setitem(tiled.TILE, c["rank"], tile)
   nbhd = _checks.Neighborhood(*nbhd_args(c).values())
+  tilings = tiled.tiling(c["spatial"], nbhd, tile)
+  assert (tiled.key_split(tiled.tile_mask(tilings)[:, 0], tilings) is not None) == ("tile" in c)
   dim = 8
-  per_unit = tiled.unit_elements(tiled.tiling(c["spatial"], nbhd, tile), batch, c["heads"], dim)
+  per_unit = tiled.unit_elements(tilings, batch, c["heads"], dim)
   monkeypatch.setitem(tiled.CHUNK_ELEMENTS, "cpu", int(per_chunk * per_unit["cpu"]))
   q, k, v, rpb, _, _ = random_inputs(4, batch, c["spatial"], c["heads"], c["kv_heads"], dim,
                                      rpb_shape=tuple(2 * k - 1 for k in c["kernel_size"]))
