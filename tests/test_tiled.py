@@ -29,12 +29,12 @@ from na_testing import EXAMPLES, MASKS, SEEDS, SETTINGS, per_bucket
 # --- The tile tables against the reference's windows. ---
 
 @st.composite
-def axes(draw):
-  kernel = draw(st.integers(2, 12))
-  dilation = draw(st.integers(1, 4))
-  return dict(length=kernel * dilation + draw(st.integers(0, 40)), kernel=kernel,
+def axes(draw, kernels=12, dilations=4, extra=40, tiles=(1, 20)):
+  kernel = draw(st.integers(2, kernels))
+  dilation = draw(st.integers(1, dilations))
+  return dict(length=kernel * dilation + draw(st.integers(0, extra)), kernel=kernel,
               stride=draw(st.integers(1, kernel)), dilation=dilation, causal=draw(st.booleans()),
-              tile=draw(st.integers(1, 20)))
+              tile=draw(st.integers(*tiles)))
 
 
 def _windows_from_tiles(t: tiled.AxisTiling, kernel):
@@ -68,15 +68,6 @@ def test_tables_encode_exactly_the_reference_windows(a):
   assert t.halo <= t.tile + 2 * a["kernel"]
 
 
-@st.composite
-def small_axes(draw):
-  kernel = draw(st.integers(2, 7))
-  dilation = draw(st.integers(1, 2))
-  return dict(length=kernel * dilation + draw(st.integers(0, 12)), kernel=kernel,
-              stride=draw(st.integers(1, kernel)), dilation=dilation, causal=draw(st.booleans()),
-              tile=draw(st.integers(2, 8)))
-
-
 def _visible_pairs(mask, rpb_index, q_index, k_index):
   """{(unit, query token, key token, rpb entry)} of tables split into ``parts`` (mask ``[U,
   1, parts, T / parts, W']``, rpb_index ``[U, parts, T / parts, W']``, k_index ``[U, parts *
@@ -88,15 +79,16 @@ def _visible_pairs(mask, rpb_index, q_index, k_index):
 
 
 @settings(SETTINGS, max_examples=300)
-@given(axes=st.lists(small_axes(), min_size=1, max_size=2))
-def test_split_tables_see_exactly_the_same_keys(axes):
+@given(per_axis=st.lists(axes(kernels=7, dilations=2, extra=12, tiles=(2, 8)), min_size=1,
+                         max_size=2))
+def test_split_tables_see_exactly_the_same_keys(per_axis):
   """A tile split in two along its first axis, each half over its own run of the block's
   keys, sees exactly the (query, key, rpb entry) pairs the whole tile does."""
-  nbhd = _checks.Neighborhood(*(tuple(a[f] for a in axes)
+  nbhd = _checks.Neighborhood(*(tuple(a[f] for a in per_axis)
                                 for f in ("kernel", "stride", "dilation", "causal")))
-  tilings = tiled.tiling(tuple(a["length"] for a in axes), nbhd, tuple(a["tile"] for a in axes))
+  tilings = tiled.tiling(tuple(a["length"] for a in per_axis), nbhd, tuple(a["tile"] for a in per_axis))
   tables = (tiled.tile_mask(tilings), tiled.tile_rpb_index(tilings, (1,) + tuple(
-      2 * a["kernel"] - 1 for a in axes)), tiled.query_token_index(tilings),
+      2 * a["kernel"] - 1 for a in per_axis)), tiled.query_token_index(tilings),
       tiled.key_token_index(tilings))
   split = tiled.key_split(tables[0][:, 0], tilings, most=1.0)
   if split is None:  # the tile's first axis is odd
