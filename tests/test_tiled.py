@@ -86,7 +86,8 @@ def test_split_tables_see_exactly_the_same_keys(per_axis):
   keys, sees exactly the (query, key, rpb entry) pairs the whole tile does."""
   nbhd = _checks.Neighborhood(*(tuple(a[f] for a in per_axis)
                                 for f in ("kernel", "stride", "dilation", "causal")))
-  tilings = tiled.tiling(tuple(a["length"] for a in per_axis), nbhd, tuple(a["tile"] for a in per_axis))
+  tilings = tiled.tiling(tuple(a["length"] for a in per_axis), nbhd,
+                         tuple(a["tile"] for a in per_axis))
   tables = (tiled.tile_mask(tilings), tiled.tile_rpb_index(tilings, (1,) + tuple(
       2 * a["kernel"] - 1 for a in per_axis)), tiled.query_token_index(tilings),
       tiled.key_token_index(tilings))
