@@ -350,7 +350,7 @@ def markdown(result) -> str:
         result.get("cpu_isa"),
         f"{1e3 * path_peak:.0f} GFLOP/s (OpenBLAS pinned to {result['path_width_core']} "
         "kernels on this CPU: an emulation of a narrower CPU, not a measurement on one)"
-        if path_peak else "– (no OpenBLAS core type to pin here)"))
+        if path_peak else "– (no OpenBLAS here that takes a core type for this path)"))
   rounds = result.get("rounds", 1)
   rounds_text = f", then the median of {rounds} interleaved rounds" if rounds > 1 else ""
   lines = [f"{result['date']}, {result['device']} ({result['machine']}, {result['cores']} "
