@@ -14,6 +14,14 @@ only: 4·B·N·H·|window|·D for the forward and 2.5× that for the backward (f
 window matmuls). Peaks measured in the same run: a float32 2048² matmul on CPU; a bfloat16
 8192² matmul and a copy's bandwidth on GPU, giving the compute floor (in-window FLOPs at the
 matmul rate) and the memory floor (q, k, v read and out written once at the copy bandwidth).
+
+XLA's CPU matmul uses the widest vectors the CPU has, whichever instruction set the jnat
+kernels were told to use (``JNAT_CPU_ISA``). So when the cpu backend is benchmarked on x86-64,
+a second reference rate is measured: the float32 matmul at the kernels' vector width, from
+numpy's OpenBLAS pinned to the core type whose kernels use those vectors (AVX-512, AVX2 + FMA
+or 128-bit SSE). It is what this CPU reaches at that width, an emulation of a narrower CPU
+rather than a measurement on one; "–" where no such pin applies (other architectures, a
+numpy without OpenBLAS, a pin OpenBLAS does not take).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import math
 import os
 import platform as platform_module
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -119,6 +129,58 @@ def matmul_tflops(n: int, dtype, repeats: int) -> float:
   return 2 * n**3 / (median_ms(jax.jit(jnp.matmul), a, a, repeats=repeats) * 1e9)
 
 
+# The OpenBLAS core type (OPENBLAS_CORETYPE) whose float32 matmul kernels use the vectors of
+# each jnat CPU kernel path on x86-64: AVX-512, AVX2 + FMA, and 128-bit SSE without FMA.
+OPENBLAS_CORETYPES = {"avx512": "SkylakeX", "avx2": "Haswell", "baseline": "Nehalem"}
+
+# Run in a subprocess, as OpenBLAS reads OPENBLAS_CORETYPE when it loads: prints the core type
+# it runs with and the median rate of an n x n float32 matmul in TFLOP/s.
+_OPENBLAS_MATMUL = """
+import ctypes, json, statistics, sys, time
+import numpy as np
+n, repeats = int(sys.argv[1]), int(sys.argv[2])
+core = None
+with open("/proc/self/maps") as maps:
+  paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
+for path in paths:
+  lib = ctypes.CDLL(path)
+  for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+               "openblas_get_corename64_", "openblas_get_corename"):
+    if hasattr(lib, name):
+      getter = getattr(lib, name)
+      getter.restype = ctypes.c_char_p
+      core = getter().decode()
+a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+a @ a
+times = []
+for _ in range(repeats):
+  start = time.perf_counter()
+  a @ a
+  times.append(time.perf_counter() - start)
+print(json.dumps(dict(core=core, tflops=2 * n**3 / statistics.median(times) / 1e12)))
+"""
+
+
+def path_width_matmul(isa: str, n: int, repeats: int):
+  """The float32 n x n matmul rate at the vector width of jnat's `isa` kernel path: numpy's
+  OpenBLAS pinned to the matching core type, in a subprocess. Returns dict(core, tflops), or
+  None where that cannot be measured (not x86-64, no such core type, no OpenBLAS, or one that
+  did not take the pin)."""
+  core = OPENBLAS_CORETYPES.get(isa)
+  if core is None or platform_module.machine().lower() not in ("x86_64", "amd64"):
+    return None
+  env = dict(os.environ, OPENBLAS_CORETYPE=core)
+  try:
+    done = subprocess.run([sys.executable, "-c", _OPENBLAS_MATMUL, str(n), str(repeats)],
+                          env=env, capture_output=True, text=True, timeout=600, check=True)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+  except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+    return None
+  if (measured["core"] or "").lower() != core.lower():
+    return None  # not OpenBLAS, or it fell back to another core type
+  return dict(core=core, tflops=measured["tflops"])
+
+
 def copy_bandwidth_gbs(repeats: int, gib: int = 2) -> float:
   x = jnp.ones((gib << 29,), jnp.float16)
   return 2 * x.nbytes / (median_ms(jax.jit(lambda x: x * 2), x, repeats=repeats) * 1e6)
@@ -209,17 +271,21 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
     peaks["copy_gbs"] = copy_bandwidth_gbs(repeats)
   else:
     peaks["matmul_tflops"] = matmul_tflops(2048, jnp.float32, repeats)
-  log(f"peaks: {peaks}")
   cpu = cpu_info() if "cpu" in jnat.available_backends("cpu") else None
   if cpu:
     log(f"cpu: {cpu['model']}, jnat cpu kernels: {cpu['isa']} (supported: {cpu['supported']})")
+  path_width = None
+  if platform == "cpu" and cpu and (not only or "jnat cpu" in only):
+    path_width = path_width_matmul(cpu["isa"], 2048, repeats)
+    peaks["path_width_matmul_tflops"] = path_width and path_width["tflops"]
+  log(f"peaks: {peaks}")
   kernels = [b for b in jnat.available_backends(platform) if b not in PURE_JAX_BACKENDS]
   rows = []
   result = dict(date=datetime.date.today().isoformat(), suite=suite,
                 device=jax.devices(platform)[0].device_kind, machine=platform_module.machine(),
                 cores=os.cpu_count(), jax=jax.__version__, cpu_model=cpu and cpu["model"],
-                cpu_isa=cpu and cpu["isa"], repeats=repeats, rounds=rounds, peaks=peaks,
-                rows=rows)
+                cpu_isa=cpu and cpu["isa"], path_width_core=path_width and path_width["core"],
+                repeats=repeats, rounds=rounds, peaks=peaks, rows=rows)
   for case in cases:
     q, k, v, rpb, dout = _inputs(case)
     args = (q, k, v, rpb) if case.rpb else (q, k, v)
@@ -273,9 +339,18 @@ def markdown(result) -> str:
   dense = {r["case"]: r for r in result["rows"] if r["impl"].startswith("dense")}
   peak_text = (f"bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s, copy "
                f"{peaks['copy_gbs']:.0f} GB/s" if gpu else
-               f"float32 2048² matmul {1e3 * peaks['matmul_tflops']:.0f} GFLOP/s")
+               f"float32 2048² XLA matmul {1e3 * peaks['matmul_tflops']:.0f} GFLOP/s")
   cpu_text = (f", jnat cpu kernels: {result['cpu_isa']} on {result['cpu_model']}"
               if result.get("cpu_isa") else "")
+  # The second CPU reference: the matmul at the kernel path's vector width (module docstring).
+  path_width = "path_width_matmul_tflops" in peaks
+  path_peak = peaks.get("path_width_matmul_tflops")
+  if path_width:
+    peak_text += ("; float32 2048² matmul at the {} path's vector width: {}".format(
+        result.get("cpu_isa"),
+        f"{1e3 * path_peak:.0f} GFLOP/s (OpenBLAS pinned to {result['path_width_core']} "
+        "kernels on this CPU: an emulation of a narrower CPU, not a measurement on one)"
+        if path_peak else "– (no OpenBLAS here that takes a core type for this path)"))
   rounds = result.get("rounds", 1)
   rounds_text = f", then the median of {rounds} interleaved rounds" if rounds > 1 else ""
   lines = [f"{result['date']}, {result['device']} ({result['machine']}, {result['cores']} "
@@ -284,6 +359,8 @@ def markdown(result) -> str:
            f"{rounds_text}.", ""]
   header = ["case", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", f"fwd {unit}",
             "fwd % of matmul", f"bwd {unit}", "fwd+bwd × vs dense"]
+  if path_width:
+    header.insert(7, "fwd % of path-width matmul")
   if gpu:
     header += ["fwd memory floor ms", "fwd compute floor ms"]
   lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * 2 + " ---: |" * (len(header) - 2)]
@@ -294,6 +371,8 @@ def markdown(result) -> str:
              f"{100 * r['fwd_tflops'] / peaks['matmul_tflops']:.1f}",
              f"{scale * r['bwd_tflops']:.1f}",
              f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}" if base else "–"]
+    if path_width:
+      cells.insert(7, f"{100 * r['fwd_tflops'] / path_peak:.1f}" if path_peak else "–")
     if gpu:
       cells += [f"{r['memory_floor_ms']:.3f}", f"{r['compute_floor_ms']:.3f}"]
     lines.append("| " + " | ".join(cells) + " |")

@@ -1,5 +1,7 @@
 """The benchmark runs end to end (on tiny cases) and writes a consistent table."""
 
+import pytest
+
 from jnat import bench
 
 
@@ -54,3 +56,64 @@ def test_bench_saves_after_every_row_and_skips_pure_jax_beyond_their_limit(monke
   assert ("tiny 1D", "jnat xla") in impls and ("tiny 1D", "jnat tiled") in impls
   assert not any(case == "huge 1D" and impl in ("jnat xla", "jnat tiled") for case, impl in impls)
   assert saved == list(range(1, len(impls) + 1))
+
+
+def _openblas_numpy() -> bool:
+  import numpy as np
+  blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+  return "openblas" in blas["name"].lower()
+
+
+def test_path_width_matmul_pins_openblas_to_the_paths_core_type():
+  import platform
+  if platform.machine().lower() not in ("x86_64", "amd64") or not _openblas_numpy():
+    pytest.skip("needs x86-64 and a numpy built with OpenBLAS")
+  for isa, core in (("avx2", "Haswell"), ("baseline", "Nehalem")):
+    measured = bench.path_width_matmul(isa, 128, 2)
+    assert measured is not None and measured["core"] == core
+    assert 0 < measured["tflops"] < 100
+
+
+def test_path_width_matmul_is_none_where_it_cannot_pin(monkeypatch):
+  assert bench.path_width_matmul("sve", 64, 1) is None  # no core type for the path
+  monkeypatch.setattr(bench.platform_module, "machine", lambda: "aarch64")
+  assert bench.path_width_matmul("avx2", 64, 1) is None  # not x86-64
+  monkeypatch.undo()
+  if _openblas_numpy():  # OpenBLAS falls back to its own choice for an unknown core type
+    monkeypatch.setattr(bench, "OPENBLAS_CORETYPES", {"avx2": "NoSuchCore"})
+    assert bench.path_width_matmul("avx2", 64, 1) is None
+
+
+def test_bench_tabulates_the_path_width_matmul_for_the_cpu_kernels(monkeypatch):
+  if "cpu" not in bench.jnat.available_backends("cpu"):
+    pytest.skip("no compiled CPU kernels")
+  monkeypatch.setattr(bench, "CPU_CASES", (bench.Case("tiny 1D", (40,), 1, 2, 8, (5,)),))
+  monkeypatch.setattr(bench, "_timings", lambda forward, args, dout, repeats: (2.0, 4.0, 6.0))
+  monkeypatch.setattr(bench, "matmul_tflops", lambda n, dtype, repeats: 0.4)
+  asked = []
+
+  def fake_path_width(isa, n, repeats):
+    asked.append(isa)
+    return dict(core="Haswell", tflops=0.2)
+
+  monkeypatch.setattr(bench, "path_width_matmul", fake_path_width)
+  result = bench.run("cpu", 1, log=lambda *_: None, only=["jnat cpu"])
+  assert asked == [bench.cpu_info()["isa"]]
+  assert result["peaks"]["path_width_matmul_tflops"] == 0.2
+  assert result["path_width_core"] == "Haswell"
+  table = bench.markdown(result).splitlines()
+  header = [c.strip() for c in table[2].strip("|").split("|")]
+  row = [c.strip() for c in table[4].strip("|").split("|")]
+  fwd_tflops = result["rows"][0]["fwd_tflops"]
+  assert row[header.index("fwd % of matmul")] == f"{100 * fwd_tflops / 0.4:.1f}"
+  assert row[header.index("fwd % of path-width matmul")] == f"{100 * fwd_tflops / 0.2:.1f}"
+  assert "OpenBLAS pinned to Haswell" in table[0]
+
+  # Not measured unless the cpu backend is timed; "–" where it could not be.
+  assert "path_width_matmul_tflops" not in bench.run(
+      "cpu", 1, log=lambda *_: None, only=["jnat xla"])["peaks"]
+  monkeypatch.setattr(bench, "path_width_matmul", lambda isa, n, repeats: None)
+  result = bench.run("cpu", 1, log=lambda *_: None, only=["jnat cpu"])
+  table = bench.markdown(result).splitlines()
+  header = [c.strip() for c in table[2].strip("|").split("|")]
+  assert table[4].strip("|").split("|")[header.index("fwd % of path-width matmul")].strip() == "–"
