@@ -97,7 +97,7 @@ def test_bench_tabulates_the_path_width_matmul_for_the_cpu_kernels(monkeypatch):
     return dict(core="Haswell", tflops=0.2)
 
   monkeypatch.setattr(bench, "path_width_matmul", fake_path_width)
-  result = bench.run("cpu", 1, log=lambda *_: None, only=["jnat cpu"])
+  result = bench.run("cpu", 1, log=lambda *_: None, only=["jnat cpu", "jnat xla"])
   assert asked == [bench.cpu_info()["isa"]]
   assert result["peaks"]["path_width_matmul_tflops"] == 0.2
   assert result["path_width_core"] == "Haswell"
@@ -107,6 +107,8 @@ def test_bench_tabulates_the_path_width_matmul_for_the_cpu_kernels(monkeypatch):
   fwd_tflops = result["rows"][0]["fwd_tflops"]
   assert row[header.index("fwd % of matmul")] == f"{100 * fwd_tflops / 0.4:.1f}"
   assert row[header.index("fwd % of path-width matmul")] == f"{100 * fwd_tflops / 0.2:.1f}"
+  xla_row = [c.strip() for c in table[5].strip("|").split("|")]
+  assert xla_row[1] == "jnat xla" and xla_row[header.index("fwd % of path-width matmul")] == "–"
   assert "OpenBLAS pinned to Haswell" in table[0]
 
   # Not measured unless the cpu backend is timed; "–" where it could not be.
