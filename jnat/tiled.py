@@ -573,8 +573,8 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
   per_unit = unit_elements(tilings, b, heads, dim)
 
   def run(platform):
-    """The chunk size and the attention for chunks of at most ``CHUNK_ELEMENTS[platform]``
-    (or one unit), as even as that number of chunks allows."""
+    """The attention's plan (chunk size and layout) and the attention, for chunks of at most
+    ``CHUNK_ELEMENTS[platform]`` (or one unit), as even as that number of chunks allows."""
     chunks = -(-units // max(1, CHUNK_ELEMENTS[platform] // per_unit[platform]))
     chunk = -(-units // chunks)
     if chunk == units:  # one batch: cut tiles
@@ -586,11 +586,11 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
       layout = GatherLayout(nbhd.rank, split)
       padded = _pad_units(tables if split is None else split.cut_tables(tables),
                           chunks * chunk, math.prod(spatial))
-    return chunk, lambda *a: attend_tiles(*a, *padded, scale, chunk, layout)
+    return (chunk, layout), lambda *a: attend_tiles(*a, *padded, scale, chunk, layout)
 
-  (cpu_chunk, cpu), (accelerator_chunk, accelerator) = map(run, ("cpu", "accelerator"))
+  (cpu_plan, cpu), (accelerator_plan, accelerator) = map(run, ("cpu", "accelerator"))
   args = (query, key, value, rpb_table)
-  if cpu_chunk == accelerator_chunk:
+  if cpu_plan == accelerator_plan:  # the CPU's key split never reaches an accelerator
     return cpu(*args)
   return jax.lax.platform_dependent(*args, cpu=cpu, default=accelerator)
 
