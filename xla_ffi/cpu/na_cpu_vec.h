@@ -166,13 +166,18 @@ inline void Transpose(Vf* r) {
   }
 }
 
-// exp of every lane; relative error ~2 ulp, exact 0 far below the float range (and at -inf).
+// exp of every lane (x <= 88); relative error ~2 ulp where exp(x) is a normal float. Below
+// that (x < -87.3) it is exp(x) or 0, and exactly 0 from x = -88 down (-inf and NaN
+// included): the kernels take it of softmax arguments, where such a weight is negligible
+// beside the window's largest (>= 1). That range lets 2^n be one factor made from the rounding's
+// own bits (no conversion, one multiply), where denormal results took two.
 inline Vf Exp(Vf x) {
-  x = Max(x, Set1(-104.0f));
-  x = x < Set1(88.7f) ? x : Set1(88.7f);
-  // Round to nearest: adding 1.5 * 2^23 leaves the integer part in the low mantissa bits.
+  x = Max(x, Set1(-88.0f));
+  x = x < Set1(88.0f) ? x : Set1(88.0f);
+  // n = round(x / ln 2), in [-127, 127]: adding 1.5 * 2^23 leaves it in the low mantissa bits.
   const Vf shifter = Set1(12582912.0f);
-  const Vf n = (x * Set1(1.44269504088896341f) + shifter) - shifter;
+  const Vf t = x * Set1(1.44269504088896341f) + shifter;
+  const Vf n = t - shifter;
   Vf r = Fma(n, Set1(-0.693359375f), x);
   r = Fma(n, Set1(2.12194440e-4f), r);
   Vf p = Set1(1.9875691500e-4f);
@@ -182,12 +187,11 @@ inline Vf Exp(Vf x) {
   p = Fma(p, r, Set1(1.6666665459e-1f));
   p = Fma(p, r, Set1(5.0000001201e-1f));
   p = Fma(p, r * r, r + Set1(1.0f));
-  // p * 2^n with n in [-150, 128]: two factors of 2^(n/2), each a normal float.
-  const Vi ni = __builtin_convertvector(n, Vi);
-  const Vi half = ni >> 1;
-  const Vf s1 = reinterpret_cast<Vf>((half + 127) << 23);
-  const Vf s2 = reinterpret_cast<Vf>((ni - half + 127) << 23);
-  return p * s1 * s2;
+  // 2^n from t's bits (those of 1.5 * 2^23, plus n): shifted into the exponent field, the
+  // shifter's own bits leave it, and n = -127 gives +0.
+  typedef uint32_t Vu __attribute__((vector_size(4 * kLanes)));  // shifts that wrap
+  const Vu bits = reinterpret_cast<Vu>(t);
+  return p * reinterpret_cast<Vf>((bits + 127u) << 23);
 }
 
 }  // namespace jnat::cpu::JNAT_ISA_NS
