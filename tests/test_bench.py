@@ -1,5 +1,8 @@
 """The benchmark runs end to end (on tiny cases) and writes a consistent table."""
 
+import time
+
+import jax.numpy as jnp
 import pytest
 
 from jnat import bench
@@ -18,6 +21,21 @@ def test_bench_runs_and_tabulates(monkeypatch, tmp_path):
   assert len(rows) == 2 * len(impls)
   for line in rows:
     assert all(float(c) > 0 for c in line.strip("| ").split(" | ")[2:5])  # the times
+
+
+def test_median_ms_times_after_the_warm_up(monkeypatch):
+  """Calls slow at first (a cold machine) must not reach the median."""
+  monkeypatch.setattr(bench, "WARMUP_S", 0.2)
+  result = jnp.zeros(())
+  calls = []
+
+  def fn():
+    calls.append(None)
+    time.sleep(0.02 if len(calls) <= 6 else 0.001)
+    return result
+
+  assert bench.median_ms(fn, repeats=5) < 0.01 * 1e3
+  assert len(calls) > 6 + 5
 
 
 def test_bench_rounds_interleave_and_take_medians(monkeypatch):
