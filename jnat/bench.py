@@ -109,19 +109,21 @@ PURE_JAX_MAX_GATHERED_BYTES = 64 << 30
 CPU_DENSE_MAX_LOGITS_BYTES = 4 << 30
 
 
-# Calls before timing start, for at least this long: on a shared CPU the first calls after other
-# work (another implementation, the matmul peak) ran up to 1.8x slower than the steady state
-# that a training loop sees (2D 56² K7 forward: 5.1-6.8 ms over the first 10 calls, 3.6-3.7
-# ms from the 100th), which with 5-10 timed calls moved the medians of the fast cases most.
-WARMUP_S = 0.5
+# Calls before timing start, for at least this long, by platform: on a shared CPU the first
+# calls after other work (another implementation, the matmul peak) ran up to 1.8x slower than
+# the steady state that a training loop sees (2D 56² K7 forward: 5.1-6.8 ms over the first 10
+# calls, 3.6-3.7 ms from the 100th), which with 5-10 timed calls moved the medians of the fast
+# cases most. Elsewhere one call: borrowed GPU time is scarce and the GPU suite already runs
+# close to its stage's limit.
+WARMUP_S = {"cpu": 0.5}
 
 
 def median_ms(fn, *args, repeats: int, budget_s: float = 10.0) -> float:
-  """Median wall time of `fn(*args)` over `repeats` calls after `WARMUP_S` seconds of calls (at
-  least one), fewer where they would exceed `budget_s` (a slow implementation on a large case
-  should not take minutes)."""
+  """Median wall time of `fn(*args)` over `repeats` calls after the default backend's
+  `WARMUP_S` seconds of calls (at least one), fewer where they would exceed `budget_s` (a slow
+  implementation on a large case should not take minutes)."""
   jax.block_until_ready(fn(*args))  # compile
-  warm_until = time.perf_counter() + WARMUP_S
+  warm_until = time.perf_counter() + WARMUP_S.get(jax.default_backend(), 0.0)
   while True:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
