@@ -139,6 +139,15 @@ def median_ms(fn, *args, repeats: int, budget_s: float = 10.0) -> float:
   return 1e3 * statistics.median(times)
 
 
+def usable_cores() -> int:
+  """The cores this process may run on (its affinity mask, as ``taskset`` sets it), which is
+  also what XLA sizes its CPU thread pool by; the machine's count where there is no mask."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # no affinity masks (macOS, Windows)
+    return os.cpu_count() or 1
+
+
 def matmul_tflops(n: int, dtype, repeats: int) -> float:
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   return 2 * n**3 / (median_ms(jax.jit(jnp.matmul), a, a, repeats=repeats) * 1e9)
@@ -298,7 +307,7 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
   rows = []
   result = dict(date=datetime.date.today().isoformat(), suite=suite,
                 device=jax.devices(platform)[0].device_kind, machine=platform_module.machine(),
-                cores=os.cpu_count(), jax=jax.__version__, cpu_model=cpu and cpu["model"],
+                cores=usable_cores(), jax=jax.__version__, cpu_model=cpu and cpu["model"],
                 cpu_isa=cpu and cpu["isa"], path_width_core=path_width and path_width["core"],
                 repeats=repeats, rounds=rounds, peaks=peaks, rows=rows)
   for case in cases:

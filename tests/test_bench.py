@@ -1,5 +1,8 @@
 """The benchmark runs end to end (on tiny cases) and writes a consistent table."""
 
+import os
+import subprocess
+import sys
 import time
 
 import jax.numpy as jnp
@@ -137,3 +140,13 @@ def test_bench_tabulates_the_path_width_matmul_for_the_cpu_kernels(monkeypatch):
   table = bench.markdown(result).splitlines()
   header = [c.strip() for c in table[2].strip("|").split("|")]
   assert table[4].strip("|").split("|")[header.index("fwd % of path-width matmul")].strip() == "–"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity masks here")
+def test_cores_are_the_ones_the_process_may_use():
+  """A run pinned to one core (``taskset -c 0``) says one core, not the machine's count."""
+  code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+          "from jnat.bench import usable_cores; print(usable_cores())")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.split() == ["1"]
+  assert bench.usable_cores() == len(os.sched_getaffinity(0))
