@@ -653,8 +653,8 @@ inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const Pl
     t.LoadTransposed(s, q, scale, xt[i]);
     t.LoadTransposed(s, dout, 1.0f, yt[i]);
     for (int64_t j = 0; j < tile.lanes; ++j) {
-      std::copy(t.query_row(s, q, j), t.query_row(s, q, j) + D, q_copy + j * Dp);
-      std::copy(t.query_row(s, dout, j), t.query_row(s, dout, j) + D, dout_copy + j * Dp);
+      CopyFloats(t.query_row(s, q, j), D, q_copy + j * Dp);
+      CopyFloats(t.query_row(s, dout, j), D, dout_copy + j * Dp);
     }
   }
   BlockDots(s, blk, kt, xt, p);

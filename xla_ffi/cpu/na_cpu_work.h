@@ -146,7 +146,7 @@ void ForEachScatterItem(const NaGeometry& s, const Workers& workers, int64_t n_t
         const float* src = pass == 0 ? it.acc_a : it.acc_b;
         float* dst = (pass == 0 ? acc_a : acc_b) + (it.b * N * s.kv_heads + it.hk) * D;
         for (int64_t t = 0; t < N; ++t) {
-          std::copy(src + t * stride, src + t * stride + D, dst + t * s.kv_heads * D);
+          CopyFloats(src + t * stride, D, dst + t * s.kv_heads * D);
         }
       }
     }
