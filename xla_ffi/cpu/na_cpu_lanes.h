@@ -536,8 +536,12 @@ inline void LaneForwardTile(const NaGeometry& s, const LaneBlock& blk, const Pla
     StoreLanesToRows(yt[i], tile.lanes, D, out + q0 * D, lane_step * D);
     Store(sc.stat, m[i]);
     Store(sc.stat + kLanes, sum[i]);
+    Store(sc.stat + 2 * kLanes, m[i] + LogAtLeastOne(sum[i]));
     for (int64_t j = 0; j < tile.lanes; ++j) {
-      lse[q0 + j * lane_step] = sc.stat[j] + std::log(sc.stat[kLanes + j]);
+      // A sum under 1 (0: every logit of the window -inf) takes the library's log: lse -inf.
+      const float total = sc.stat[kLanes + j];
+      lse[q0 + j * lane_step] =
+          total >= 1.0f ? sc.stat[2 * kLanes + j] : sc.stat[j] + std::log(total);
     }
   }
 }
