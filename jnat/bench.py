@@ -377,8 +377,9 @@ def markdown(result) -> str:
         if path_peak else "– (no OpenBLAS here that takes a core type for this path)"))
   rounds = result.get("rounds", 1)
   rounds_text = f", then the median of {rounds} interleaved rounds" if rounds > 1 else ""
-  lines = [f"{result['date']}, {result['device']} ({result['machine']}, {result['cores']} "
-           f"cores{cpu_text}), jax {result['jax']}; peaks from the same run: {peak_text}; medians of "
+  cores = f"{result['cores']} core" + ("s" if result["cores"] != 1 else "")
+  lines = [f"{result['date']}, {result['device']} ({result['machine']}, {cores}"
+           f"{cpu_text}), jax {result['jax']}; peaks from the same run: {peak_text}; medians of "
            f"{result['repeats']} calls (fewer where they would take over 10 s)"
            f"{rounds_text}.", ""]
   header = ["case", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", f"fwd {unit}",
