@@ -183,6 +183,10 @@ inline void Transpose(Vf* r) {
   }
 }
 
+// ln 2 as a short head (exact when multiplied by small integers) and the remainder: n * ln 2
+// to float precision for the exponent n of Exp and LogAtLeastOne.
+inline constexpr float kLn2Head = 0.693359375f, kLn2Tail = -2.12194440e-4f;
+
 // exp of every lane (x <= 88); relative error ~2 ulp where exp(x) is a normal float. Below
 // that (x < -87.3) it is exp(x) or 0, and exactly 0 from x = -88 down (-inf and NaN
 // included): the kernels take it of softmax arguments, where such a weight is negligible
@@ -195,8 +199,8 @@ inline Vf Exp(Vf x) {
   const Vf shifter = Set1(12582912.0f);
   const Vf t = x * Set1(1.44269504088896341f) + shifter;
   const Vf n = t - shifter;
-  Vf r = Fma(n, Set1(-0.693359375f), x);
-  r = Fma(n, Set1(2.12194440e-4f), r);
+  Vf r = Fma(n, Set1(-kLn2Head), x);
+  r = Fma(n, Set1(-kLn2Tail), r);
   Vf p = Set1(1.9875691500e-4f);
   p = Fma(p, r, Set1(1.3981999507e-3f));
   p = Fma(p, r, Set1(8.3334519073e-3f));
@@ -227,9 +231,8 @@ inline Vf LogAtLeastOne(Vf x) {
   p = Fma(p, s2, Set1(1.0f / 3));
   const Vf two_s = s + s;
   const Vf log_m = Fma(two_s, p * s2, two_s);
-  // e * ln 2 in two parts (ln 2's float rounding would cost e times its error).
   const Vf ef = __builtin_convertvector(e, Vf);
-  return Fma(ef, Set1(0.693359375f), Fma(ef, Set1(-2.12194440e-4f), log_m));
+  return Fma(ef, Set1(kLn2Head), Fma(ef, Set1(kLn2Tail), log_m));
 }
 
 }  // namespace jnat::cpu::JNAT_ISA_NS
