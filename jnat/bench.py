@@ -417,6 +417,8 @@ def main(argv=None):
   parser.add_argument("--only", action="append", metavar="IMPL",
                       help='time only this implementation (repeatable), e.g. "jnat cpu"')
   args = parser.parse_args(argv)
+  # Results are saved after every case: a missing folder must fail now, not after the first.
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
   def save(result):
     with open(args.out, "w") as f:

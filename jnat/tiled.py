@@ -545,10 +545,11 @@ attend_tiles.defvjp(_attend_fwd, _attend_bwd)
 # cache is fastest, and its query, key and value tiles count as much as its logits (1D L4096
 # K63 at head dim 64 ran 15% faster in chunks of 4 units than of 8, 2D 128² K13 5% faster in
 # chunks of 2 than of 3, 2D 56² K7 at head dim 32 best with 5 or more). XLA's CPU runtime runs
-# the loop's ops one after another and each batched matmul on one thread (it splits the rows
-# of one large matrix, never the batch), so the tiles' small products use one core whatever
-# the chunk: on two cores, bigger chunks ran about as fast (2^22 elements) or slower (2^24
-# 1.3x, 2^26 1.6x, 2D 128² K13). On an accelerator each chunk is a loop iteration of many
+# the loop's ops one after another and each batched matmul on one thread (YNNPACK spreads a
+# batch of products over the cores only when a reduction is fused with them; splitting the
+# products to get that fusion did not pay, see BENCHMARKS.md), so the tiles' small products
+# use one core whatever the chunk: on two cores, bigger chunks ran about as fast (2^22
+# elements) or slower (2^24 1.3x, 2^26 1.6x, 2D 128² K13). On an accelerator each chunk is a loop iteration of many
 # small kernels, so chunks there only bound memory (1 GiB of logits per array, each a float32
 # or wider).
 CHUNK_ELEMENTS = {"cpu": 17 << 16, "accelerator": 1 << 28}
