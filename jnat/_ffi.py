@@ -301,10 +301,17 @@ def _reference_backward(reference_fwd, n_primals):
   return bwd
 
 
+def _zero_masked_windows(out, lse):
+  """Output 0, never NaN, for a fully masked window (lse -inf): the CUDA kernels leave it to
+  this pass; the CPU kernels write the zeros themselves, sparing a pass over the output."""
+  return jnp.where((lse == -jnp.inf)[..., None], jnp.zeros((), out.dtype), out)
+
+
 def _fused_kernel_fwd(static, q, k, v, rpb):
   out, lse = _call("jnat_na_fwd", static, q, k, v, rpb)
-  # A fully masked window (lse -inf) contributes nothing: output 0, never NaN.
-  return jnp.where((lse == -jnp.inf)[..., None], jnp.zeros((), out.dtype), out), lse
+  out = jax.lax.platform_dependent(out, lse, cpu=lambda out, lse: out,
+                                   default=_zero_masked_windows)
+  return out, lse
 
 
 def _fused_kernel_bwd(static, q, k, v, rpb, out, lse, cotangents):

@@ -526,10 +526,13 @@ inline void LaneForwardTile(const NaGeometry& s, const LaneBlock& blk, const Pla
   BlockColumnSums(s, blk, vt, logit, sc, yt);
   for (int64_t i = 0; i < blk.n; ++i) {
     const LaneTask& t = blk.task[i];
-    const Vf inv = Set1(1.0f) / sum[i];
+    // A window whose every logit is -inf (sum 0) gives output 0, written here so that no
+    // pass over the output is needed afterwards.
+    const auto some = sum[i] > Vf{};
+    const Vf inv = Set1(1.0f) / (some ? sum[i] : Set1(1.0f));
     for (int64_t d = 0; d < D; ++d) {
       float* y = yt[i] + d * kLanes;
-      Store(y, inv * Load(y));
+      Store(y, some ? inv * Load(y) : Vf{});
     }
     const int64_t q0 = (t.b * s.tokens() + t.token(s, 0)) * s.heads + t.h;
     const int64_t lane_step = s.dilation[2] * s.heads;  // between consecutive lanes' queries
