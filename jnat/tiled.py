@@ -549,9 +549,9 @@ attend_tiles.defvjp(_attend_fwd, _attend_bwd)
 # batch of products over the cores only when a reduction is fused with them; splitting the
 # products to get that fusion did not pay, see BENCHMARKS.md), so the tiles' small products
 # use one core whatever the chunk: on two cores, bigger chunks ran about as fast (2^22
-# elements) or slower (2^24 1.3x, 2^26 1.6x, 2D 128² K13). On an accelerator each chunk is a loop iteration of many
-# small kernels, so chunks there only bound memory (1 GiB of logits per array, each a float32
-# or wider).
+# elements) or slower (2^24 1.3x, 2^26 1.6x, 2D 128² K13). On an accelerator each chunk is a
+# loop iteration of many small kernels, so chunks there only bound memory (1 GiB of logits per
+# array, each a float32 or wider).
 CHUNK_ELEMENTS = {"cpu": 17 << 16, "accelerator": 1 << 28}
 
 
