@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 import jnat
-from jnat.cpu_info import cpu_info
+from jnat.cpu_info import cpu_info, usable_cores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,15 +137,6 @@ def median_ms(fn, *args, repeats: int, budget_s: float = 10.0) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return 1e3 * statistics.median(times)
-
-
-def usable_cores() -> int:
-  """The cores this process may run on (its affinity mask, as ``taskset`` sets it), which is
-  also what XLA sizes its CPU thread pool by; the machine's count where there is no mask."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # no affinity masks (macOS, Windows)
-    return os.cpu_count() or 1
 
 
 def matmul_tflops(n: int, dtype, repeats: int) -> float:

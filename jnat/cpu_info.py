@@ -24,10 +24,12 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def _cores() -> int:
+def usable_cores() -> int:
+  """The cores this process may run on (its affinity mask, as ``taskset`` sets it), which is
+  also what XLA sizes its CPU thread pool by; the machine's count where there is no mask."""
   try:
     return len(os.sched_getaffinity(0))
-  except AttributeError:  # macOS
+  except AttributeError:  # no affinity masks (macOS, Windows)
     return os.cpu_count() or 1
 
 
@@ -48,5 +50,5 @@ def cpu_info() -> dict:
   except ImportError as e:
     raise RuntimeError("this jnat installation has no compiled CPU kernels") from e
   return dict(model=_cpu_model(), isa=_jnat_cpu.isa(), supported=list(_jnat_cpu.supported_isas()),
-              baseline=_jnat_cpu.baseline_vectors(), cores=_cores(),
+              baseline=_jnat_cpu.baseline_vectors(), cores=usable_cores(),
               pool_threads=_jnat_cpu.pool_threads())

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from jnat import bench
+from jnat.cpu_info import usable_cores
 
 
 def test_bench_runs_and_tabulates(monkeypatch, tmp_path):
@@ -146,7 +147,7 @@ def test_bench_tabulates_the_path_width_matmul_for_the_cpu_kernels(monkeypatch):
 def test_cores_are_the_ones_the_process_may_use():
   """A run pinned to one core (``taskset -c 0``) says one core, not the machine's count."""
   code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-          "from jnat.bench import usable_cores; print(usable_cores())")
+          "from jnat.cpu_info import usable_cores; print(usable_cores())")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.split() == ["1"]
-  assert bench.usable_cores() == len(os.sched_getaffinity(0))
+  assert usable_cores() == len(os.sched_getaffinity(0))
