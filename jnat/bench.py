@@ -12,8 +12,10 @@ reference backend, dense ``jax.nn.dot_product_attention`` (cuDNN on GPU)
 and, on GPU when torch and natten are installed, NATTEN itself. Rates count in-window FLOPs
 only: 4·B·N·H·|window|·D for the forward and 2.5× that for the backward (five of the seven
 window matmuls). Peaks measured in the same run: a float32 2048² matmul on CPU; a bfloat16
-8192² matmul and a copy's bandwidth on GPU, giving the compute floor (in-window FLOPs at the
-matmul rate) and the memory floor (q, k, v read and out written once at the copy bandwidth).
+8192² matmul and a copy's bandwidth on GPU. The matmul is timed again in every round of every
+case, and each row's share of it is of its own case's rounds. They give the compute floor
+(in-window FLOPs at the matmul rate) and the memory floor (q, k, v read and out written once
+at the copy bandwidth).
 
 XLA's CPU matmul uses the widest vectors the CPU has, whichever instruction set the jnat
 kernels were told to use (``JNAT_CPU_ISA``). So when the cpu backend is benchmarked on x86-64,
@@ -280,12 +282,14 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
   """
   platform = "gpu" if suite == "gpu" else "cpu"
   cases = GPU_CASES if suite == "gpu" else CPU_CASES
-  peaks = {}
+  # The matmul is timed again in every round of every case: each row's share of it is taken
+  # against the rate of its own case's rounds, as a shared machine's speed drifts over a run.
+  matmul = ((lambda: matmul_tflops(8192, jnp.bfloat16, repeats)) if platform == "gpu" else
+            (lambda: matmul_tflops(2048, jnp.float32, repeats)))
+  matmul_runs = [matmul()]
+  peaks = dict(matmul_tflops=matmul_runs[0])
   if platform == "gpu":
-    peaks["matmul_tflops"] = matmul_tflops(8192, jnp.bfloat16, repeats)
     peaks["copy_gbs"] = copy_bandwidth_gbs(repeats)
-  else:
-    peaks["matmul_tflops"] = matmul_tflops(2048, jnp.float32, repeats)
   cpu = cpu_info() if "cpu" in jnat.available_backends("cpu") else None
   if cpu:
     log(f"cpu: {cpu['model']}, jnat cpu kernels: {cpu['isa']} (supported: {cpu['supported']})")
@@ -315,7 +319,9 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
       impls.append(("natten", lambda: _natten_timings(case, repeats)))
     impls = [(name, measure) for name, measure in impls if not only or name in only]
     timings = {name: [] for name, _ in impls}
+    case_matmul = []
     for _ in range(rounds):  # interleaved, so that drifts of a shared machine hit all alike
+      case_matmul.append(matmul())
       for name, measure in impls:
         if timings[name] is None:
           continue
@@ -328,6 +334,10 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
           timings[name] = None
         else:
           timings[name].append(times)
+    matmul_runs += case_matmul
+    peaks["matmul_tflops"] = statistics.median(matmul_runs)
+    peaks["matmul_tflops_range"] = (min(matmul_runs), max(matmul_runs))
+    case_peak = statistics.median(case_matmul)
     for name, runs in timings.items():
       if not runs:
         continue
@@ -335,7 +345,8 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
       row = dict(case=case.name, impl=name, fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_bwd_ms=both_ms,
                  fwd_tflops=case.forward_flops / (fwd_ms * 1e9),
                  bwd_tflops=2.5 * case.forward_flops / (bwd_ms * 1e9),
-                 compute_floor_ms=case.forward_flops / (peaks["matmul_tflops"] * 1e9))
+                 matmul_tflops=case_peak,
+                 compute_floor_ms=case.forward_flops / (case_peak * 1e9))
       if "copy_gbs" in peaks:
         row["memory_floor_ms"] = case.io_bytes / (peaks["copy_gbs"] * 1e6)
       rows.append(row)
@@ -352,9 +363,13 @@ def markdown(result) -> str:
   gpu = "copy_gbs" in peaks
   unit, scale = ("TFLOP/s", 1.0) if gpu else ("GFLOP/s", 1e3)
   dense = {r["case"]: r for r in result["rows"] if r["impl"].startswith("dense")}
-  peak_text = (f"bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s, copy "
-               f"{peaks['copy_gbs']:.0f} GB/s" if gpu else
-               f"float32 2048² XLA matmul {1e3 * peaks['matmul_tflops']:.0f} GFLOP/s")
+  matmul_text = f"{scale * peaks['matmul_tflops']:.0f} {unit}"
+  if "matmul_tflops_range" in peaks:
+    low, high = (scale * x for x in peaks["matmul_tflops_range"])
+    matmul_text += (f" (median of its timings in every round, {low:.0f}–{high:.0f}; each row's "
+                    "share is of its own case's rounds)")
+  peak_text = (f"bf16 matmul {matmul_text}, copy {peaks['copy_gbs']:.0f} GB/s" if gpu else
+               f"float32 2048² XLA matmul {matmul_text}")
   cpu_text = (f", jnat cpu kernels: {result['cpu_isa']} on {result['cpu_model']}"
               if result.get("cpu_isa") else "")
   # The second CPU reference: the matmul at the kernel path's vector width (module docstring).
@@ -384,7 +399,7 @@ def markdown(result) -> str:
     base = dense.get(r["case"])
     cells = [r["case"], r["impl"], f"{r['fwd_ms']:.3f}", f"{r['bwd_ms']:.3f}",
              f"{r['fwd_bwd_ms']:.3f}", f"{scale * r['fwd_tflops']:.1f}",
-             f"{100 * r['fwd_tflops'] / peaks['matmul_tflops']:.1f}",
+             f"{100 * r['fwd_tflops'] / r.get('matmul_tflops', peaks['matmul_tflops']):.1f}",
              f"{scale * r['bwd_tflops']:.1f}",
              f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}" if base else "–"]
     if path_width:  # only the kernels run at their path's width; XLA's code runs at its own

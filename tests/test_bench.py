@@ -42,6 +42,26 @@ def test_median_ms_times_after_the_warm_up(monkeypatch):
   assert len(calls) > 6 + 5
 
 
+def test_bench_times_the_matmul_in_every_round(monkeypatch):
+  """Each row's share of the matmul is of the rate timed in its own case's rounds."""
+  monkeypatch.setattr(bench, "CPU_CASES", (bench.Case("tiny 1D", (40,), 1, 2, 8, (5,)),
+                                           bench.Case("tiny 1D again", (40,), 1, 2, 8, (5,))))
+  monkeypatch.setattr(bench, "_timings", lambda forward, args, dout, repeats: (2.0, 4.0, 6.0))
+  rates = iter([0.9, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])  # the first: before any case
+  monkeypatch.setattr(bench, "matmul_tflops", lambda n, dtype, repeats: next(rates))
+  result = bench.run("cpu", 1, log=lambda *_: None, only=["jnat xla"], rounds=3)
+  first, second = result["rows"]
+  assert first["matmul_tflops"] == 0.2 and second["matmul_tflops"] == 0.5
+  assert result["peaks"]["matmul_tflops"] == 0.4
+  assert tuple(result["peaks"]["matmul_tflops_range"]) == (0.1, 0.9)
+  table = bench.markdown(result).splitlines()
+  header = [c.strip() for c in table[2].strip("|").split("|")]
+  shares = [line.strip("|").split("|")[header.index("fwd % of matmul")].strip()
+            for line in table[4:6]]
+  assert shares == [f"{100 * r['fwd_tflops'] / r['matmul_tflops']:.1f}" for r in (first, second)]
+  assert "median of its timings in every round, 100–900" in table[0]
+
+
 def test_bench_rounds_interleave_and_take_medians(monkeypatch):
   monkeypatch.setattr(bench, "CPU_CASES", (bench.Case("tiny 1D", (40,), 1, 2, 8, (5,)),))
   calls = []
@@ -51,6 +71,7 @@ def test_bench_rounds_interleave_and_take_medians(monkeypatch):
     return (len(calls), 2.0 * len(calls), 10.0)
 
   monkeypatch.setattr(bench, "_timings", fake_timings)
+  monkeypatch.setattr(bench, "matmul_tflops", lambda n, dtype, repeats: 0.4)
   result = bench.run("cpu", 1, log=lambda *_: None, only=["jnat xla", "dense xla"], rounds=3)
   assert len(calls) == 6
   xla, dense = result["rows"]
