@@ -282,12 +282,13 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
   """
   platform = "gpu" if suite == "gpu" else "cpu"
   cases = GPU_CASES if suite == "gpu" else CPU_CASES
-  # The matmul is timed again in every round of every case: each row's share of it is taken
-  # against the rate of its own case's rounds, as a shared machine's speed drifts over a run.
-  matmul = ((lambda: matmul_tflops(8192, jnp.bfloat16, repeats)) if platform == "gpu" else
-            (lambda: matmul_tflops(2048, jnp.float32, repeats)))
-  matmul_runs = [matmul()]
-  peaks = dict(matmul_tflops=matmul_runs[0])
+  # The reference matmuls are timed again in every round of every case: each row's share of
+  # them is taken against the rates of its own case's rounds, as a shared machine's speed
+  # drifts over a run.
+  references = {"matmul_tflops": (lambda: matmul_tflops(8192, jnp.bfloat16, repeats))
+                if platform == "gpu" else (lambda: matmul_tflops(2048, jnp.float32, repeats))}
+  rates = {"matmul_tflops": [references["matmul_tflops"]()]}
+  peaks = {}
   if platform == "gpu":
     peaks["copy_gbs"] = copy_bandwidth_gbs(repeats)
   cpu = cpu_info() if "cpu" in jnat.available_backends("cpu") else None
@@ -295,8 +296,12 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
     log(f"cpu: {cpu['model']}, jnat cpu kernels: {cpu['isa']} (supported: {cpu['supported']})")
   path_width = None
   if platform == "cpu" and cpu and (not only or "jnat cpu" in only):
-    path_width = path_width_matmul(cpu["isa"], 2048, repeats)
-    peaks["path_width_matmul_tflops"] = path_width and path_width["tflops"]
+    path_width = path_width_matmul(cpu["isa"], 2048, repeats)  # None: no pin applies here
+    rates["path_width_matmul_tflops"] = [_rate(path_width)]
+    if path_width:
+      references["path_width_matmul_tflops"] = lambda: _rate(
+          path_width_matmul(cpu["isa"], 2048, repeats))
+  _summarise_rates(rates, peaks)
   log(f"peaks: {peaks}")
   kernels = [b for b in jnat.available_backends(platform) if b not in PURE_JAX_BACKENDS]
   rows = []
@@ -319,9 +324,10 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
       impls.append(("natten", lambda: _natten_timings(case, repeats)))
     impls = [(name, measure) for name, measure in impls if not only or name in only]
     timings = {name: [] for name, _ in impls}
-    case_matmul = []
+    case_rates = {name: [] for name in references}
     for _ in range(rounds):  # interleaved, so that drifts of a shared machine hit all alike
-      case_matmul.append(matmul())
+      for name, measure in references.items():
+        case_rates[name].append(measure())
       for name, measure in impls:
         if timings[name] is None:
           continue
@@ -334,10 +340,11 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
           timings[name] = None
         else:
           timings[name].append(times)
-    matmul_runs += case_matmul
-    peaks["matmul_tflops"] = statistics.median(matmul_runs)
-    peaks["matmul_tflops_range"] = (min(matmul_runs), max(matmul_runs))
-    case_peak = statistics.median(case_matmul)
+    for name, measured in case_rates.items():
+      rates[name] += measured
+    _summarise_rates(rates, peaks)
+    case_peaks = {name: _median_rate(measured) for name, measured in case_rates.items()}
+    case_peak = case_peaks["matmul_tflops"]
     for name, runs in timings.items():
       if not runs:
         continue
@@ -345,8 +352,7 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
       row = dict(case=case.name, impl=name, fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_bwd_ms=both_ms,
                  fwd_tflops=case.forward_flops / (fwd_ms * 1e9),
                  bwd_tflops=2.5 * case.forward_flops / (bwd_ms * 1e9),
-                 matmul_tflops=case_peak,
-                 compute_floor_ms=case.forward_flops / (case_peak * 1e9))
+                 **case_peaks, compute_floor_ms=case.forward_flops / (case_peak * 1e9))
       if "copy_gbs" in peaks:
         row["memory_floor_ms"] = case.io_bytes / (peaks["copy_gbs"] * 1e6)
       rows.append(row)
@@ -357,17 +363,39 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
   return result
 
 
+def _rate(measured):
+  return measured and measured["tflops"]
+
+
+def _median_rate(measured):
+  """The median of the rates measured (None where none was)."""
+  rates = [r for r in measured if r]
+  return statistics.median(rates) if rates else None
+
+
+def _summarise_rates(rates, peaks):
+  """peaks[name]: the median of each reference rate over the run, with its range."""
+  for name, measured in rates.items():
+    peaks[name] = _median_rate(measured)
+    if peaks[name]:
+      peaks[name + "_range"] = (min(r for r in measured if r), max(r for r in measured if r))
+
+
 def markdown(result) -> str:
   """The results as a Markdown table, with speed-ups against dense attention."""
   peaks = result["peaks"]
   gpu = "copy_gbs" in peaks
   unit, scale = ("TFLOP/s", 1.0) if gpu else ("GFLOP/s", 1e3)
   dense = {r["case"]: r for r in result["rows"] if r["impl"].startswith("dense")}
-  matmul_text = f"{scale * peaks['matmul_tflops']:.0f} {unit}"
-  if "matmul_tflops_range" in peaks:
-    low, high = (scale * x for x in peaks["matmul_tflops_range"])
-    matmul_text += (f" (median of its timings in every round, {low:.0f}–{high:.0f}; each row's "
-                    "share is of its own case's rounds)")
+  def rate_text(name):
+    text = f"{scale * peaks[name]:.0f} {unit}"
+    if name + "_range" in peaks:
+      low, high = (scale * x for x in peaks[name + "_range"])
+      text += (f" (median of its timings in every round, {low:.0f}–{high:.0f}; each row's "
+               "share is of its own case's rounds)")
+    return text
+
+  matmul_text = rate_text("matmul_tflops")
   peak_text = (f"bf16 matmul {matmul_text}, copy {peaks['copy_gbs']:.0f} GB/s" if gpu else
                f"float32 2048² XLA matmul {matmul_text}")
   cpu_text = (f", jnat cpu kernels: {result['cpu_isa']} on {result['cpu_model']}"
@@ -378,8 +406,9 @@ def markdown(result) -> str:
   if path_width:
     peak_text += ("; float32 2048² matmul at the {} path's vector width: {}".format(
         result.get("cpu_isa"),
-        f"{1e3 * path_peak:.0f} GFLOP/s (OpenBLAS pinned to {result['path_width_core']} "
-        "kernels on this CPU: an emulation of a narrower CPU, not a measurement on one)"
+        f"{rate_text('path_width_matmul_tflops')}, OpenBLAS pinned to "
+        f"{result['path_width_core']} kernels on this CPU: an emulation of a narrower CPU, "
+        "not a measurement on one"
         if path_peak else "– (no OpenBLAS here that takes a core type for this path)"))
   rounds = result.get("rounds", 1)
   rounds_text = f", then the median of {rounds} interleaved rounds" if rounds > 1 else ""
@@ -403,8 +432,9 @@ def markdown(result) -> str:
              f"{scale * r['bwd_tflops']:.1f}",
              f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}" if base else "–"]
     if path_width:  # only the kernels run at their path's width; XLA's code runs at its own
-      cells.insert(7, f"{100 * r['fwd_tflops'] / path_peak:.1f}"
-                   if path_peak and r["impl"] == "jnat cpu" else "–")
+      row_peak = r.get("path_width_matmul_tflops", path_peak)
+      cells.insert(7, f"{100 * r['fwd_tflops'] / row_peak:.1f}"
+                   if row_peak and r["impl"] == "jnat cpu" else "–")
     if gpu:
       cells += [f"{r['memory_floor_ms']:.3f}", f"{r['compute_floor_ms']:.3f}"]
     lines.append("| " + " | ".join(cells) + " |")

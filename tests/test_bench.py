@@ -134,22 +134,24 @@ def test_bench_tabulates_the_path_width_matmul_for_the_cpu_kernels(monkeypatch):
   monkeypatch.setattr(bench, "_timings", lambda forward, args, dout, repeats: (2.0, 4.0, 6.0))
   monkeypatch.setattr(bench, "matmul_tflops", lambda n, dtype, repeats: 0.4)
   asked = []
+  path_width_rates = iter([0.2, 0.25])  # before any case, then in the case's one round
 
   def fake_path_width(isa, n, repeats):
     asked.append(isa)
-    return dict(core="Haswell", tflops=0.2)
+    return dict(core="Haswell", tflops=next(path_width_rates))
 
   monkeypatch.setattr(bench, "path_width_matmul", fake_path_width)
   result = bench.run("cpu", 1, log=lambda *_: None, only=["jnat cpu", "jnat xla"])
-  assert asked == [bench.cpu_info()["isa"]]
-  assert result["peaks"]["path_width_matmul_tflops"] == 0.2
+  assert asked == [bench.cpu_info()["isa"]] * 2
+  assert result["peaks"]["path_width_matmul_tflops"] == pytest.approx(0.225)
+  assert result["rows"][0]["path_width_matmul_tflops"] == 0.25  # its own case's round
   assert result["path_width_core"] == "Haswell"
   table = bench.markdown(result).splitlines()
   header = [c.strip() for c in table[2].strip("|").split("|")]
   row = [c.strip() for c in table[4].strip("|").split("|")]
   fwd_tflops = result["rows"][0]["fwd_tflops"]
   assert row[header.index("fwd % of matmul")] == f"{100 * fwd_tflops / 0.4:.1f}"
-  assert row[header.index("fwd % of path-width matmul")] == f"{100 * fwd_tflops / 0.2:.1f}"
+  assert row[header.index("fwd % of path-width matmul")] == f"{100 * fwd_tflops / 0.25:.1f}"
   xla_row = [c.strip() for c in table[5].strip("|").split("|")]
   assert xla_row[1] == "jnat xla" and xla_row[header.index("fwd % of path-width matmul")] == "–"
   assert "OpenBLAS pinned to Haswell" in table[0]
