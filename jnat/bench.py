@@ -12,8 +12,9 @@ reference backend, dense ``jax.nn.dot_product_attention`` (cuDNN on GPU)
 and, on GPU when torch and natten are installed, NATTEN itself. Rates count in-window FLOPs
 only: 4·B·N·H·|window|·D for the forward and 2.5× that for the backward (five of the seven
 window matmuls). Peaks measured in the same run: a float32 2048² matmul on CPU; a bfloat16
-8192² matmul and a copy's bandwidth on GPU. The matmul is timed again in every round of every
-case, and each row's share of it is of its own case's rounds. They give the compute floor
+8192² matmul and a copy's bandwidth on GPU. The matmul (and the path-width matmul below) is
+timed again in every round of every case, and each row's shares are of its own case's rounds.
+They give the compute floor
 (in-window FLOPs at the matmul rate) and the memory floor (q, k, v read and out written once
 at the copy bandwidth).
 
