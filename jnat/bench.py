@@ -14,9 +14,8 @@ only: 4·B·N·H·|window|·D for the forward and 2.5× that for the backward (f
 window matmuls). Peaks measured in the same run: a float32 2048² matmul on CPU; a bfloat16
 8192² matmul and a copy's bandwidth on GPU. The matmul (and the path-width matmul below) is
 timed again in every round of every case, and each row's shares are of its own case's rounds.
-They give the compute floor
-(in-window FLOPs at the matmul rate) and the memory floor (q, k, v read and out written once
-at the copy bandwidth).
+They give the compute floor (in-window FLOPs at the matmul rate) and the memory floor (q, k, v
+read and out written once at the copy bandwidth).
 
 XLA's CPU matmul uses the widest vectors the CPU has, whichever instruction set the jnat
 kernels were told to use (``JNAT_CPU_ISA``). So when the cpu backend is benchmarked on x86-64,
