@@ -378,7 +378,8 @@ def _summarise_rates(rates, peaks):
   for name, measured in rates.items():
     peaks[name] = _median_rate(measured)
     if peaks[name]:
-      peaks[name + "_range"] = (min(r for r in measured if r), max(r for r in measured if r))
+      valid = [r for r in measured if r]
+      peaks[name + "_range"] = (min(valid), max(valid))
 
 
 def markdown(result) -> str:
@@ -387,6 +388,7 @@ def markdown(result) -> str:
   gpu = "copy_gbs" in peaks
   unit, scale = ("TFLOP/s", 1.0) if gpu else ("GFLOP/s", 1e3)
   dense = {r["case"]: r for r in result["rows"] if r["impl"].startswith("dense")}
+
   def rate_text(name):
     text = f"{scale * peaks[name]:.0f} {unit}"
     if name + "_range" in peaks:
@@ -428,11 +430,11 @@ def markdown(result) -> str:
     base = dense.get(r["case"])
     cells = [r["case"], r["impl"], f"{r['fwd_ms']:.3f}", f"{r['bwd_ms']:.3f}",
              f"{r['fwd_bwd_ms']:.3f}", f"{scale * r['fwd_tflops']:.1f}",
-             f"{100 * r['fwd_tflops'] / r.get('matmul_tflops', peaks['matmul_tflops']):.1f}",
+             f"{100 * r['fwd_tflops'] / r['matmul_tflops']:.1f}",
              f"{scale * r['bwd_tflops']:.1f}",
              f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}" if base else "–"]
     if path_width:  # only the kernels run at their path's width; XLA's code runs at its own
-      row_peak = r.get("path_width_matmul_tflops", path_peak)
+      row_peak = r.get("path_width_matmul_tflops")  # absent where no pin applies
       cells.insert(7, f"{100 * r['fwd_tflops'] / row_peak:.1f}"
                    if row_peak and r["impl"] == "jnat cpu" else "–")
     if gpu:
