@@ -12,7 +12,9 @@ the matmul rate, where a per-query gather runs at the memory rate.
 Tiles run in chunks: on CPU, cache-sized chunks in a loop, each gathering its query tiles
 and key blocks from the tokens (``GatherLayout``), in 1D and 2D a tile in two halves along its
 first axis, each over only the keys its windows reach (``KeySplit``); on accelerators, all at
-once, cut by reshapes and slices (``CutLayout``). All index math comes from
+once, cut by reshapes and slices (``CutLayout``). On CPU the forward without gradients runs
+each chunk's products and softmax as one library fusion on all of XLA's threads
+(``_fused_softmax_attention``). All index math comes from
 ``reference.axis_windows``, so the tiles cannot drift from the reference's semantics.
 """
 
@@ -361,7 +363,7 @@ class GatherLayout:
 
   rank: int
   split: KeySplit | None = None  # each part of a tile over its own run of the block's keys
-  transpose_first = True  # key-side products as XLA's CPU backend runs them fast
+  on_cpu: bool = True  # products and softmax in the forms XLA's CPU backend runs fast
 
   def _tokens(self, x):
     """``[B, *spatial, H, *rest]`` -> ``[B, N, H, *rest]``."""
@@ -406,7 +408,7 @@ class CutLayout:
   per iteration). The token tables are not needed."""
 
   tilings: tuple[AxisTiling, ...]
-  transpose_first = False
+  on_cpu: bool = False  # as GatherLayout's
 
   def queries(self, x, token_index):
     del token_index
@@ -429,14 +431,11 @@ class CutLayout:
     return acc + grad
 
 
-def _forward_units(carry, mask, rpb_index, q_index, k_index, query, key, value, rpb_table, *,
-                   scale, layout):
-  out_acc, lse_acc = carry
-  q = layout.queries(query, q_index)
-  k, v = layout.keys(key, k_index), layout.keys(value, k_index)
-  bias = None if rpb_table is None else _unit_bias(rpb_table, rpb_index)
+def _softmax_attention(q, k, v, mask, bias, scale):
+  """Attention of q ``[U, B, H, T, D]`` over k, v ``[U, B, H, W, D]`` with ``_logits``' mask
+  and bias: ``(out, lse)``. A window whose every logit is -inf (an rpb of -inf) gives output
+  0 and lse -inf."""
   s = _logits(q, k, mask, bias, scale)
-  # A window whose every logit is -inf (an rpb of -inf) gives output 0 and lse -inf.
   peak = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(peak), peak, 0.0))
   total = jnp.sum(p, axis=-1, keepdims=True)
@@ -444,8 +443,55 @@ def _forward_units(carry, mask, rpb_index, q_index, k_index, query, key, value, 
   some = total > 0
   out = out / jnp.where(some, total, 1.0)
   lse = jnp.where(some, peak + jnp.log(jnp.where(some, total, 1.0)), -jnp.inf)
+  return out, lse[..., 0]
+
+
+def _fused_softmax_attention(q, k, v, mask, bias, scale):
+  """``_softmax_attention`` in the form XLA's CPU backend runs on all its threads.
+
+  That backend gives a matmul to YNNPACK alone, on one thread, unless a reduction of its
+  result joins it in one fusion; the whole fusion then runs on the thread pool, batch
+  included. A fusion has one result and takes only ops YNNPACK prefers (none on fewer than
+  4096 elements: the per-row statistics of at least 4096 rows). So the mask is an additive
+  bias (a select between the product and the maximum kept them apart), the peak is clamped
+  to the lowest float instead of tested for -inf (a fully masked row: p = 0, out 0, lse
+  -inf), batch and heads are one axis (a batch of 1 made XLA copy the logits between the
+  product and the rest), and out and lse are separate fusions, each with its own logits
+  product (the barrier keeps XLA from merging the two products into one that neither
+  fusion can take). Without gradients lse is usually unused and never computed.
+  """
+  acc = acc_dtype(q)
+  u, b, h = q.shape[:3]
+  merge = lambda x: x.reshape(u, b * h, *x.shape[3:])
+  additive = jnp.where(mask, 0.0, -jnp.inf).astype(acc)  # [U, 1, ...]
+  if bias is not None:  # [U, H, ...]
+    additive = merge(jnp.broadcast_to((additive + bias)[:, None], (u, b, h) + bias.shape[2:]))
+  q, k, v = merge(q), merge(k), merge(v)
+
+  def logits(q, k, additive):
+    s = einsum("...td,...wd->...tw", q, k, preferred_element_type=acc) * scale + additive
+    return s, jnp.maximum(jnp.max(s, axis=-1, keepdims=True), jnp.finfo(acc).min)
+
+  s, peak = logits(q, k, additive)
+  p = jnp.exp(s - peak)
+  # A row's largest p is 1 where any logit is finite, and every p is 0 where none is.
+  out = (einsum("...tw,...wd->...td", p.astype(v.dtype), v, preferred_element_type=acc)
+         / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1.0))
+  s, peak = logits(*jax.lax.optimization_barrier((q, k, additive)))
+  lse = peak[..., 0] + jnp.log(jnp.sum(jnp.exp(s - peak), axis=-1))
+  return out.reshape(u, b, h, *out.shape[2:]), lse.reshape(u, b, h, *lse.shape[2:])
+
+
+def _forward_units(carry, mask, rpb_index, q_index, k_index, query, key, value, rpb_table, *,
+                   scale, layout, fused):
+  out_acc, lse_acc = carry
+  q = layout.queries(query, q_index)
+  k, v = layout.keys(key, k_index), layout.keys(value, k_index)
+  bias = None if rpb_table is None else _unit_bias(rpb_table, rpb_index)
+  attention = _fused_softmax_attention if fused else _softmax_attention
+  out, lse = attention(q, k, v, mask, bias, scale)
   return (layout.put_queries(out_acc, q_index, out),
-          layout.put_queries(lse_acc, q_index, lse[..., 0])), None
+          layout.put_queries(lse_acc, q_index, lse)), None
 
 
 def _transposed_product(a, b):
@@ -480,7 +526,7 @@ def _backward_units(carry, mask, rpb_index, q_index, k_index, query, key, value,
   ds = p * (dp - delta[..., None])
   ds_low = ds.astype(q.dtype)
   dq = einsum("...tw,...wd->...td", ds_low, k, preferred_element_type=acc) * scale
-  product = _transposed_product_cpu if layout.transpose_first else _transposed_product
+  product = _transposed_product_cpu if layout.on_cpu else _transposed_product
   dk_acc = layout.add_keys(dk_acc, k_index, product(ds_low, q))  # scaled once, at the end
   dv_acc = layout.add_keys(dv_acc, k_index, product(p.astype(do.dtype), do))
   if rpb_table is not None:
@@ -500,7 +546,7 @@ def _scan_units(fn, chunk, per_unit, shared, carry):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def attend_tiles(query, key, value, rpb_table, mask, rpb_index, q_index, k_index, scale, chunk,
+def attend_tiles(query, key, value, rpb_table, mask, rpb_index, q_index, k_index, scale, chunks,
                  layout):
   """Softmax attention of every tile's queries over its block: ``(out, lse)``.
 
@@ -508,30 +554,38 @@ def attend_tiles(query, key, value, rpb_table, mask, rpb_index, q_index, k_index
   with its positions flattened, heads last) or None. Per unit: mask ``[U, 1, T, W]``,
   rpb_index ``[U, T, W]`` (``tile_rpb_index``, None without rpb), q_index ``[U, T]`` and
   k_index ``[U, W]`` (``query_token_index``, ``key_token_index``). out like the query; lse
-  ``[B, *spatial, H]`` in the accumulation dtype. Runs ``chunk`` units at a time, their tiles
-  made by ``layout`` (``GatherLayout`` or ``CutLayout``).
+  ``[B, *spatial, H]`` in the accumulation dtype. Runs ``chunks = (inference, training)``
+  units at a time, their tiles made by ``layout`` (``GatherLayout`` or ``CutLayout``). On CPU
+  the inference forward is ``_fused_softmax_attention``; training keeps the separate
+  products, as the lse it needs costs the fused form a second logits product.
   """
-  forward = functools.partial(_forward_units, scale=scale, layout=layout)
+  return _attend_forward(query, key, value, rpb_table, mask, rpb_index, q_index, k_index,
+                         scale=scale, chunk=chunks[0], layout=layout, fused=layout.on_cpu)
+
+
+def _attend_forward(query, key, value, rpb_table, mask, rpb_index, q_index, k_index, *, scale,
+                    chunk, layout, fused):
+  forward = functools.partial(_forward_units, scale=scale, layout=layout, fused=fused)
   carry = (jnp.zeros_like(query), jnp.zeros(query.shape[:-1], acc_dtype(query)))
   return _scan_units(forward, chunk, (mask, rpb_index, q_index, k_index),
                      (query, key, value, rpb_table), carry)
 
 
-def _attend_fwd(query, key, value, rpb_table, mask, rpb_index, q_index, k_index, scale, chunk,
+def _attend_fwd(query, key, value, rpb_table, mask, rpb_index, q_index, k_index, scale, chunks,
                 layout):
-  out, lse = attend_tiles(query, key, value, rpb_table, mask, rpb_index, q_index, k_index,
-                          scale, chunk, layout)
+  out, lse = _attend_forward(query, key, value, rpb_table, mask, rpb_index, q_index, k_index,
+                             scale=scale, chunk=chunks[1], layout=layout, fused=False)
   return (out, lse), (query, key, value, rpb_table, mask, rpb_index, q_index, k_index, out, lse)
 
 
-def _attend_bwd(scale, chunk, layout, residuals, cotangents):
+def _attend_bwd(scale, chunks, layout, residuals, cotangents):
   query, key, value, rpb_table, mask, rpb_index, q_index, k_index, out, lse = residuals
   dout, dlse = cotangents
   backward = functools.partial(_backward_units, scale=scale, layout=layout)
   acc = acc_dtype(query)
   carry = (None if rpb_table is None else jnp.zeros_like(rpb_table), jnp.zeros_like(query),
            jnp.zeros(key.shape, acc), jnp.zeros(value.shape, acc))
-  drpb, dq, dk, dv = _scan_units(backward, chunk, (mask, rpb_index, q_index, k_index),
+  drpb, dq, dk, dv = _scan_units(backward, chunks[1], (mask, rpb_index, q_index, k_index),
                                  (query, key, value, out, lse, dout, dlse, rpb_table), carry)
   # The scale applied to dk once: per chunk, fused into the block's transposing scatter, it
   # made XLA's CPU backend run that fusion 6x slower than dv's.
@@ -553,6 +607,12 @@ attend_tiles.defvjp(_attend_fwd, _attend_bwd)
 # loop iteration of many small kernels, so chunks there only bound memory (1 GiB of logits per
 # array, each a float32 or wider).
 CHUNK_ELEMENTS = {"cpu": 17 << 16, "accelerator": 1 << 28}
+
+# Training chunks per inference chunk on CPU, where the fused forward never materialises the
+# logits and needs at least 4096 query rows per chunk to be fused at all (see
+# `_fused_softmax_attention`). Forward, 2D 56² K7 / 3D 16³ K5 / 2D 128² K13 on two cores: 1.4-1.7x
+# faster than the unfused form with chunks of 2-4 training chunks, 1.5-1.6x with 5-8.
+FUSED_CHUNKS = 4
 
 
 def unit_elements(tilings, batch, heads, dim):
@@ -584,20 +644,24 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
   per_unit = unit_elements(tilings, b, heads, dim)
 
   def run(platform):
-    """The attention's plan (chunk size and layout) and the attention, for chunks of at most
-    ``CHUNK_ELEMENTS[platform]`` (or one unit), as even as that number of chunks allows."""
+    """The attention's plan (chunk sizes and layout) and the attention, for chunks of at most
+    ``CHUNK_ELEMENTS[platform]`` (or one unit), as even as that number of chunks allows; on
+    CPU inference takes up to ``FUSED_CHUNKS`` of them at a time."""
+    on_cpu = platform == "cpu"
     chunks = -(-units // max(1, CHUNK_ELEMENTS[platform] // per_unit[platform]))
     chunk = -(-units // chunks)
+    group = max(g for g in range(1, min(chunks, FUSED_CHUNKS if on_cpu else 1) + 1)
+                if chunks % g == 0)
     if chunk == units:  # one batch: cut tiles
-      layout, padded = CutLayout(tilings), tables
+      layout, padded = CutLayout(tilings, on_cpu), tables
     else:  # chunks gather theirs; the last chunk filled up with empty units
       # Not in 3D: on 16³ K5 the halves' forward ran 15% faster but their backward slower.
-      split = (key_split(tables[0][:, 0], tilings) if platform == "cpu" and nbhd.rank < 3
-               else None)
-      layout = GatherLayout(nbhd.rank, split)
+      split = key_split(tables[0][:, 0], tilings) if on_cpu and nbhd.rank < 3 else None
+      layout = GatherLayout(nbhd.rank, split, on_cpu)
       padded = _pad_units(tables if split is None else split.cut_tables(tables),
                           chunks * chunk, math.prod(spatial))
-    return (chunk, layout), lambda *a: attend_tiles(*a, *padded, scale, chunk, layout)
+    plan = ((group * chunk, chunk), layout)
+    return plan, lambda *a: attend_tiles(*a, *padded, scale, *plan)
 
   (cpu_plan, cpu), (accelerator_plan, accelerator) = map(run, ("cpu", "accelerator"))
   args = (query, key, value, rpb_table)
