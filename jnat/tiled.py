@@ -608,11 +608,11 @@ attend_tiles.defvjp(_attend_fwd, _attend_bwd)
 # array, each a float32 or wider).
 CHUNK_ELEMENTS = {"cpu": 17 << 16, "accelerator": 1 << 28}
 
-# Training chunks per inference chunk on CPU, where the fused forward never materialises the
-# logits and needs at least 4096 query rows per chunk to be fused at all (see
-# `_fused_softmax_attention`). Forward, 2D 56² K7 / 3D 16³ K5 / 2D 128² K13 on two cores: 1.4-1.7x
-# faster than the unfused form with chunks of 2-4 training chunks, 1.5-1.6x with 5-8.
-FUSED_CHUNKS = 4
+# Query rows per inference chunk on CPU: below this YNNPACK takes none of the per-row ops, and
+# the fused forward (`_fused_softmax_attention`) falls apart. Inference joins the fewest
+# training chunks that reach it: more ran up to 1.1x faster on two cores but 1.15x slower on
+# one (1D L4096 K63, 4 chunks instead of 2).
+FUSED_ROWS = 4096
 
 
 def unit_elements(tilings, batch, heads, dim):
@@ -646,12 +646,13 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
   def run(platform):
     """The attention's plan (chunk sizes and layout) and the attention, for chunks of at most
     ``CHUNK_ELEMENTS[platform]`` (or one unit), as even as that number of chunks allows; on
-    CPU inference takes up to ``FUSED_CHUNKS`` of them at a time."""
+    CPU inference takes as few of them at a time as hold ``FUSED_ROWS`` query rows."""
     on_cpu = platform == "cpu"
     chunks = -(-units // max(1, CHUNK_ELEMENTS[platform] // per_unit[platform]))
     chunk = -(-units // chunks)
-    group = max(g for g in range(1, min(chunks, FUSED_CHUNKS if on_cpu else 1) + 1)
-                if chunks % g == 0)
+    rows = chunk * b * heads * _tile_dims(tilings)[1]
+    group = next(g for g in range(1, chunks + 1)
+                 if chunks % g == 0 and (not on_cpu or g * rows >= FUSED_ROWS or g == chunks))
     if chunk == units:  # one batch: cut tiles
       layout, padded = CutLayout(tilings, on_cpu), tables
     else:  # chunks gather theirs; the last chunk filled up with empty units
