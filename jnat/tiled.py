@@ -634,7 +634,7 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
   tilings = tiling(tuple(query.shape[1:1 + nbhd.rank]), nbhd, tile)
   key, value = (spread_heads(x, query.shape[-2], kv_sharded) for x in (key, value))
   b, *spatial, heads, dim = query.shape
-  units = _tile_dims(tilings)[0]
+  units, tile_queries, _ = _tile_dims(tilings)
   rpb_table = rpb_index = None
   if rpb is not None:
     rpb_table = rpb.astype(acc_dtype(query)).reshape(heads, -1).T
@@ -644,13 +644,13 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
   per_unit = unit_elements(tilings, b, heads, dim)
 
   def run(platform):
-    """The attention's plan (chunk sizes and layout) and the attention, for chunks of at most
-    ``CHUNK_ELEMENTS[platform]`` (or one unit), as even as that number of chunks allows; on
-    CPU inference takes as few of them at a time as hold ``FUSED_ROWS`` query rows."""
+    """The attention on ``platform``, for chunks of at most ``CHUNK_ELEMENTS[platform]`` (or
+    one unit), as even as that number of chunks allows; on CPU inference takes as few of them
+    at a time as hold ``FUSED_ROWS`` query rows."""
     on_cpu = platform == "cpu"
     chunks = -(-units // max(1, CHUNK_ELEMENTS[platform] // per_unit[platform]))
     chunk = -(-units // chunks)
-    rows = chunk * b * heads * _tile_dims(tilings)[1]
+    rows = chunk * b * heads * tile_queries
     group = next(g for g in range(1, chunks + 1)
                  if chunks % g == 0 and (not on_cpu or g * rows >= FUSED_ROWS or g == chunks))
     if chunk == units:  # one batch: cut tiles
@@ -661,14 +661,11 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
       layout = GatherLayout(nbhd.rank, split, on_cpu)
       padded = _pad_units(tables if split is None else split.cut_tables(tables),
                           chunks * chunk, math.prod(spatial))
-    plan = ((group * chunk, chunk), layout)
-    return plan, lambda *a: attend_tiles(*a, *padded, scale, *plan)
+    return lambda *a: attend_tiles(*a, *padded, scale, (group * chunk, chunk), layout)
 
-  (cpu_plan, cpu), (accelerator_plan, accelerator) = map(run, ("cpu", "accelerator"))
-  args = (query, key, value, rpb_table)
-  if cpu_plan == accelerator_plan:  # the CPU's key split never reaches an accelerator
-    return cpu(*args)
-  return jax.lax.platform_dependent(*args, cpu=cpu, default=accelerator)
+  # Every platform its own plan: the layouts differ at least in on_cpu.
+  return jax.lax.platform_dependent(query, key, value, rpb_table, cpu=run("cpu"),
+                                    default=run("accelerator"))
 
 
 def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None, tile=None):
