@@ -261,6 +261,25 @@ def _unit_bias(rpb_table, index):
   return jnp.moveaxis(jnp.take(rpb_table, index, axis=0), -1, 1)
 
 
+def _drop_unit_batch(x):
+  """Tiles ``[U, B, H, ...]`` -> ``[U, H, ...]`` when B is 1 (else unchanged): with a batch
+  axis of 1 XLA's CPU backend copied the logits between a product and the fused softmax or
+  reduction after it (``_on_all_threads``). Merging B and H instead would hide a sharded
+  head axis from the partitioner."""
+  return x[:, 0] if x.shape[1] == 1 else x
+
+
+def _restore_unit_batch(x, batch):
+  """Inverse of ``_drop_unit_batch`` for a batch of ``batch``."""
+  return x[:, None] if batch == 1 else x
+
+
+def _aligned(x, ndim):
+  """A per-unit table ``[U, ...]`` (mask ``[U, 1, T, W]``, bias ``[U, H, T, W]``) with axes of
+  1 after U, to broadcast against tiles of rank ``ndim``."""
+  return x.reshape(x.shape[0], *(1,) * (ndim - x.ndim), *x.shape[1:])
+
+
 def _sum_over_batch(x):
   """``x [U, B, ...]`` summed over B by halving it: XLA's CPU backend ran the reduction of
   that middle axis 10-40x slower (B = 2 with few units; B = 128)."""
@@ -282,19 +301,37 @@ def _add_unit_bias_grad(drpb, ds, index):
 
 # --- Attention inside the tiles: custom VJP that recomputes the weights from the lse. ---
 
-def _logits(q, k, mask, bias, scale):
-  """q ``[U, B, H, T, D]``, k ``[U, B, H, W, D]``, mask ``[U, 1, T, W]``, bias ``[U, H, T, W]``
-  or None -> masked logits ``[U, B, H, T, W]`` in the accumulation dtype.
+def _on_all_threads(product, axis):
+  """``product`` (a batched matmul's result) unchanged, in the form XLA's CPU backend runs on
+  all its threads.
+
+  That backend gives a lone matmul to YNNPACK, which runs a batch of small products on one
+  thread; joined in one fusion by a reduction of its result, the product is spread over the
+  thread pool, batch included. ``min(x, max(x))`` along ``axis`` is that reduction and gives
+  ``x`` back (a NaN spreads along ``axis``). Each of the tiles' products ran 1.6-2.0x faster
+  with it on two cores (2D 56² K7, 3D 16³ K5 chunks), except the output product of a chunk of
+  16 tiles (3D, no change). Only ever on CPU: elsewhere it would be a wasted pass.
+  """
+  return jnp.minimum(product, jnp.max(product, axis=axis, keepdims=True))
+
+
+def _logits(q, k, mask, bias, scale, on_cpu):
+  """q ``[U, B, H, T, D]``, k ``[U, B, H, W, D]`` (or without B, ``_drop_unit_batch``), mask
+  ``[U, 1, T, W]``, bias ``[U, H, T, W]`` or None -> masked logits ``[U, B, H, T, W]`` in the
+  accumulation dtype.
 
   On CPU this product with k's rows, ``[T, D] x [W, D]``, ran about 1.7x slower than a plain
   ``[T, D] x [D, W]`` one when timed alone; gathering the keys' columns (``[B, H, D, N]``
   tokens) to make it plain measured no faster over the whole attention (2D 56² K7) or up to
   1.2x slower (1D L4096 K63): XLA's gather of single columns costs what the product saves.
   """
-  s = einsum("...td,...wd->...tw", q, k, preferred_element_type=acc_dtype(q)) * scale
+  s = einsum("...td,...wd->...tw", q, k, preferred_element_type=acc_dtype(q))
+  if on_cpu:
+    s = _on_all_threads(s, -1)
+  s = s * scale
   if bias is not None:
-    s = s + bias[:, None]
-  return jnp.where(mask[:, None], s, -jnp.inf)
+    s = s + _aligned(bias, s.ndim)
+  return jnp.where(_aligned(mask, s.ndim), s, -jnp.inf)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,11 +468,11 @@ class CutLayout:
     return acc + grad
 
 
-def _softmax_attention(q, k, v, mask, bias, scale):
+def _softmax_attention(q, k, v, mask, bias, scale, on_cpu):
   """Attention of q ``[U, B, H, T, D]`` over k, v ``[U, B, H, W, D]`` with ``_logits``' mask
-  and bias: ``(out, lse)``. A window whose every logit is -inf (an rpb of -inf) gives output
-  0 and lse -inf."""
-  s = _logits(q, k, mask, bias, scale)
+  and bias: ``(out, lse)``. A window whose every logit is -inf (an rpb of -inf) gives output 0
+  and lse -inf."""
+  s = _logits(q, k, mask, bias, scale, on_cpu)
   peak = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(peak), peak, 0.0))
   total = jnp.sum(p, axis=-1, keepdims=True)
@@ -447,7 +484,7 @@ def _softmax_attention(q, k, v, mask, bias, scale):
 
 
 def _fused_softmax_attention(q, k, v, mask, bias, scale):
-  """``_softmax_attention`` in the form XLA's CPU backend runs on all its threads.
+  """``_softmax_attention`` in the form XLA's CPU backend runs on all its threads (CPU only).
 
   That backend gives a matmul to YNNPACK alone, on one thread, unless a reduction of its
   result joins it in one fusion; the whole fusion then runs on the thread pool, batch
@@ -455,18 +492,14 @@ def _fused_softmax_attention(q, k, v, mask, bias, scale):
   4096 elements: the per-row statistics of at least 4096 rows). So the mask is an additive
   bias (a select between the product and the maximum kept them apart), the peak is clamped
   to the lowest float instead of tested for -inf (a fully masked row: p = 0, out 0, lse
-  -inf), batch and heads are one axis (a batch of 1 made XLA copy the logits between the
-  product and the rest), and out and lse are separate fusions, each with its own logits
+  -inf), and out and lse are separate fusions, each with its own logits
   product (the barrier keeps XLA from merging the two products into one that neither
   fusion can take). Without gradients lse is usually unused and never computed.
   """
   acc = acc_dtype(q)
-  u, b, h = q.shape[:3]
-  merge = lambda x: x.reshape(u, b * h, *x.shape[3:])
-  additive = jnp.where(mask, 0.0, -jnp.inf).astype(acc)  # [U, 1, ...]
-  if bias is not None:  # [U, H, ...]
-    additive = merge(jnp.broadcast_to((additive + bias)[:, None], (u, b, h) + bias.shape[2:]))
-  q, k, v = merge(q), merge(k), merge(v)
+  additive = jnp.where(_aligned(mask, q.ndim), 0.0, -jnp.inf).astype(acc)
+  if bias is not None:
+    additive = additive + _aligned(bias, q.ndim)
 
   def logits(q, k, additive):
     s = einsum("...td,...wd->...tw", q, k, preferred_element_type=acc) * scale + additive
@@ -479,19 +512,22 @@ def _fused_softmax_attention(q, k, v, mask, bias, scale):
          / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1.0))
   s, peak = logits(*jax.lax.optimization_barrier((q, k, additive)))
   lse = peak[..., 0] + jnp.log(jnp.sum(jnp.exp(s - peak), axis=-1))
-  return out.reshape(u, b, h, *out.shape[2:]), lse.reshape(u, b, h, *lse.shape[2:])
+  return out, lse
 
 
 def _forward_units(carry, mask, rpb_index, q_index, k_index, query, key, value, rpb_table, *,
                    scale, layout, fused):
   out_acc, lse_acc = carry
-  q = layout.queries(query, q_index)
-  k, v = layout.keys(key, k_index), layout.keys(value, k_index)
+  q = _drop_unit_batch(layout.queries(query, q_index))
+  k, v = (_drop_unit_batch(layout.keys(x, k_index)) for x in (key, value))
   bias = None if rpb_table is None else _unit_bias(rpb_table, rpb_index)
-  attention = _fused_softmax_attention if fused else _softmax_attention
-  out, lse = attention(q, k, v, mask, bias, scale)
-  return (layout.put_queries(out_acc, q_index, out),
-          layout.put_queries(lse_acc, q_index, lse)), None
+  if fused:
+    out, lse = _fused_softmax_attention(q, k, v, mask, bias, scale)
+  else:
+    out, lse = _softmax_attention(q, k, v, mask, bias, scale, layout.on_cpu)
+  batch = query.shape[0]
+  return (layout.put_queries(out_acc, q_index, _restore_unit_batch(out, batch)),
+          layout.put_queries(lse_acc, q_index, _restore_unit_batch(lse, batch))), None
 
 
 def _transposed_product(a, b):
@@ -503,35 +539,39 @@ def _transposed_product(a, b):
 def _transposed_product_cpu(a, b):
   """``_transposed_product`` as XLA's CPU backend runs it fast: ``(b^T a)^T`` with ``b^T``
   materialised is a plain ``[D, T] x [T, W]`` matmul, about 1.5x faster there than a
-  product with a transposed operand. Without the barriers XLA folds the transposes back
-  into the product."""
+  product with a transposed operand, and it runs on all threads (``_on_all_threads``).
+  Without the barriers XLA folds the transposes back into the product."""
   b_t = jax.lax.optimization_barrier(jnp.swapaxes(b, -1, -2))
   product = einsum("...dt,...tw->...dw", b_t, a, preferred_element_type=acc_dtype(a))
+  product = _on_all_threads(product, -2)
   return jnp.swapaxes(jax.lax.optimization_barrier(product), -1, -2)
 
 
 def _backward_units(carry, mask, rpb_index, q_index, k_index, query, key, value, out, lse,
                     dout, dlse, rpb_table, *, scale, layout):
   drpb, dq_acc, dk_acc, dv_acc = carry
-  acc = acc_dtype(query)
-  q, do = layout.queries(query, q_index), layout.queries(dout, q_index)
-  k, v = layout.keys(key, k_index), layout.keys(value, k_index)
+  acc, batch = acc_dtype(query), query.shape[0]
+  q, do, out, lse, dlse = (_drop_unit_batch(layout.queries(x, q_index))
+                           for x in (query, dout, out, lse, dlse))
+  k, v = (_drop_unit_batch(layout.keys(x, k_index)) for x in (key, value))
   bias = None if rpb_table is None else _unit_bias(rpb_table, rpb_index)
-  s = _logits(q, k, mask, bias, scale)
-  lse = layout.queries(lse, q_index)
+  s = _logits(q, k, mask, bias, scale, layout.on_cpu)
   finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # fully masked rows: p = 0
   p = jnp.exp(s - finite_lse[..., None])
   dp = einsum("...td,...wd->...tw", do, v, preferred_element_type=acc)
-  delta = softmax_delta(do, layout.queries(out, q_index), layout.queries(dlse, q_index))
-  ds = p * (dp - delta[..., None])
+  if layout.on_cpu:
+    dp = _on_all_threads(dp, -1)
+  ds = p * (dp - softmax_delta(do, out, dlse)[..., None])
   ds_low = ds.astype(q.dtype)
   dq = einsum("...tw,...wd->...td", ds_low, k, preferred_element_type=acc) * scale
   product = _transposed_product_cpu if layout.on_cpu else _transposed_product
-  dk_acc = layout.add_keys(dk_acc, k_index, product(ds_low, q))  # scaled once, at the end
-  dv_acc = layout.add_keys(dv_acc, k_index, product(p.astype(do.dtype), do))
+  with_batch = lambda x: _restore_unit_batch(x, batch)
+  # dk scaled once, at the end.
+  dk_acc = layout.add_keys(dk_acc, k_index, with_batch(product(ds_low, q)))
+  dv_acc = layout.add_keys(dv_acc, k_index, with_batch(product(p.astype(do.dtype), do)))
   if rpb_table is not None:
-    drpb = _add_unit_bias_grad(drpb, ds, rpb_index)
-  return (drpb, layout.put_queries(dq_acc, q_index, dq), dk_acc, dv_acc), None
+    drpb = _add_unit_bias_grad(drpb, with_batch(ds), rpb_index)
+  return (drpb, layout.put_queries(dq_acc, q_index, with_batch(dq)), dk_acc, dv_acc), None
 
 
 def _scan_units(fn, chunk, per_unit, shared, carry):
