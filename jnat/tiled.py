@@ -12,9 +12,10 @@ the matmul rate, where a per-query gather runs at the memory rate.
 Tiles run in chunks: on CPU, cache-sized chunks in a loop, each gathering its query tiles
 and key blocks from the tokens (``GatherLayout``), in 1D and 2D a tile in two halves along its
 first axis, each over only the keys its windows reach (``KeySplit``); on accelerators, all at
-once, cut by reshapes and slices (``CutLayout``). On CPU the forward without gradients runs
-each chunk's products and softmax as one library fusion on all of XLA's threads
-(``_fused_softmax_attention``). All index math comes from
+once, cut by reshapes and slices (``CutLayout``). On CPU every product runs on all of XLA's
+threads: the forward without gradients as one library fusion of each chunk's products and
+softmax (``_fused_softmax_attention``), training's products each with an identity reduction
+(``_on_all_threads``). All index math comes from
 ``reference.axis_windows``, so the tiles cannot drift from the reference's semantics.
 """
 
@@ -301,18 +302,25 @@ def _add_unit_bias_grad(drpb, ds, index):
 
 # --- Attention inside the tiles: custom VJP that recomputes the weights from the lse. ---
 
-def _on_all_threads(product, axis):
+def _on_all_threads(product):
   """``product`` (a batched matmul's result) unchanged, in the form XLA's CPU backend runs on
   all its threads.
 
   That backend gives a lone matmul to YNNPACK, which runs a batch of small products on one
   thread; joined in one fusion by a reduction of its result, the product is spread over the
-  thread pool, batch included. ``min(x, max(x))`` along ``axis`` is that reduction and gives
-  ``x`` back (a NaN spreads along ``axis``). Each of the tiles' products ran 1.6-2.0x faster
-  with it on two cores (2D 56² K7, 3D 16³ K5 chunks), except the output product of a chunk of
-  16 tiles (3D, no change). Only ever on CPU: elsewhere it would be a wasted pass.
+  thread pool, batch included. ``min(x, max(x))`` along axis -2 is that reduction and gives
+  ``x`` back (a NaN spreads along the axis). Alone, chunks of the tiles' products ran
+  1.6-2.2x faster with it on two cores (2D 56² K7, 1D L4096 K63, 3D 16³ K5), except the
+  query-side products (``[T, W] x [W, D]``) of chunks of 16 tiles. Only ever on CPU:
+  elsewhere it would be a wasted pass.
   """
-  return jnp.minimum(product, jnp.max(product, axis=axis, keepdims=True))
+  return jnp.minimum(product, jnp.max(product, axis=-2, keepdims=True))
+
+
+def _product(spec, a, b, on_cpu):
+  """``einsum(spec, a, b)`` accumulated in float32 or wider; on CPU ``_on_all_threads``."""
+  product = einsum(spec, a, b, preferred_element_type=acc_dtype(a))
+  return _on_all_threads(product) if on_cpu else product
 
 
 def _logits(q, k, mask, bias, scale, on_cpu):
@@ -325,10 +333,7 @@ def _logits(q, k, mask, bias, scale, on_cpu):
   tokens) to make it plain measured no faster over the whole attention (2D 56² K7) or up to
   1.2x slower (1D L4096 K63): XLA's gather of single columns costs what the product saves.
   """
-  s = einsum("...td,...wd->...tw", q, k, preferred_element_type=acc_dtype(q))
-  if on_cpu:
-    s = _on_all_threads(s, -1)
-  s = s * scale
+  s = _product("...td,...wd->...tw", q, k, on_cpu) * scale
   if bias is not None:
     s = s + _aligned(bias, s.ndim)
   return jnp.where(_aligned(mask, s.ndim), s, -jnp.inf)
@@ -476,7 +481,7 @@ def _softmax_attention(q, k, v, mask, bias, scale, on_cpu):
   peak = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(peak), peak, 0.0))
   total = jnp.sum(p, axis=-1, keepdims=True)
-  out = einsum("...tw,...wd->...td", p.astype(v.dtype), v, preferred_element_type=acc_dtype(q))
+  out = _product("...tw,...wd->...td", p.astype(v.dtype), v, on_cpu)
   some = total > 0
   out = out / jnp.where(some, total, 1.0)
   lse = jnp.where(some, peak + jnp.log(jnp.where(some, total, 1.0)), -jnp.inf)
@@ -542,15 +547,14 @@ def _transposed_product_cpu(a, b):
   product with a transposed operand, and it runs on all threads (``_on_all_threads``).
   Without the barriers XLA folds the transposes back into the product."""
   b_t = jax.lax.optimization_barrier(jnp.swapaxes(b, -1, -2))
-  product = einsum("...dt,...tw->...dw", b_t, a, preferred_element_type=acc_dtype(a))
-  product = _on_all_threads(product, -2)
+  product = _product("...dt,...tw->...dw", b_t, a, on_cpu=True)
   return jnp.swapaxes(jax.lax.optimization_barrier(product), -1, -2)
 
 
 def _backward_units(carry, mask, rpb_index, q_index, k_index, query, key, value, out, lse,
                     dout, dlse, rpb_table, *, scale, layout):
   drpb, dq_acc, dk_acc, dv_acc = carry
-  acc, batch = acc_dtype(query), query.shape[0]
+  batch = query.shape[0]
   q, do, out, lse, dlse = (_drop_unit_batch(layout.queries(x, q_index))
                            for x in (query, dout, out, lse, dlse))
   k, v = (_drop_unit_batch(layout.keys(x, k_index)) for x in (key, value))
@@ -558,12 +562,10 @@ def _backward_units(carry, mask, rpb_index, q_index, k_index, query, key, value,
   s = _logits(q, k, mask, bias, scale, layout.on_cpu)
   finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # fully masked rows: p = 0
   p = jnp.exp(s - finite_lse[..., None])
-  dp = einsum("...td,...wd->...tw", do, v, preferred_element_type=acc)
-  if layout.on_cpu:
-    dp = _on_all_threads(dp, -1)
+  dp = _product("...td,...wd->...tw", do, v, layout.on_cpu)
   ds = p * (dp - softmax_delta(do, out, dlse)[..., None])
   ds_low = ds.astype(q.dtype)
-  dq = einsum("...tw,...wd->...td", ds_low, k, preferred_element_type=acc) * scale
+  dq = _product("...tw,...wd->...td", ds_low, k, layout.on_cpu) * scale
   product = _transposed_product_cpu if layout.on_cpu else _transposed_product
   with_batch = lambda x: _restore_unit_batch(x, batch)
   # dk scaled once, at the end.
@@ -635,18 +637,16 @@ def _attend_bwd(scale, chunks, layout, residuals, cotangents):
 
 attend_tiles.defvjp(_attend_fwd, _attend_bwd)
 
-# The most elements per chunk of units, per lowering platform. On CPU a chunk that stays in
-# cache is fastest, and its query, key and value tiles count as much as its logits (1D L4096
-# K63 at head dim 64 ran 15% faster in chunks of 4 units than of 8, 2D 128² K13 5% faster in
-# chunks of 2 than of 3, 2D 56² K7 at head dim 32 best with 5 or more). XLA's CPU runtime runs
-# the loop's ops one after another and each batched matmul on one thread (YNNPACK spreads a
-# batch of products over the cores only when a reduction is fused with them; splitting the
-# products to get that fusion did not pay, see BENCHMARKS.md), so the tiles' small products
-# use one core whatever the chunk: on two cores, bigger chunks ran about as fast (2^22
-# elements) or slower (2^24 1.3x, 2^26 1.6x, 2D 128² K13). On an accelerator each chunk is a
-# loop iteration of many small kernels, so chunks there only bound memory (1 GiB of logits per
-# array, each a float32 or wider).
-CHUNK_ELEMENTS = {"cpu": 17 << 16, "accelerator": 1 << 28}
+# The most elements per chunk of units, per lowering platform, counting on CPU a chunk's query,
+# key and value tiles as well as its logits. On CPU each chunk's products run on all threads
+# (`_on_all_threads`), which pays only for a large enough batch of tiles (two cores): chunks of
+# 17 * 2^17 elements (10 units of 2D 56² K7 at B2 H4 D32, 8 of 3D 16³ K5 at B1 H4) took
+# 0.84-0.99x the forward+backward time of half-size chunks with the query-side products
+# (out, dq) plain, on every benchmark case; doubling the chunks alone changed nothing, threading
+# those products alone at the half size made 3D 1.05x slower, and chunks twice as large again
+# measured no better. On an accelerator each chunk is a loop iteration of many small kernels,
+# so chunks there only bound memory (1 GiB of logits per array, each a float32 or wider).
+CHUNK_ELEMENTS = {"cpu": 17 << 17, "accelerator": 1 << 28}
 
 # Query rows per inference chunk on CPU: below this YNNPACK takes none of the per-row ops, and
 # the fused forward (`_fused_softmax_attention`) falls apart. Inference joins the fewest
