@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -317,13 +318,14 @@ def _on_all_threads(product):
   return jnp.minimum(product, jnp.max(product, axis=-2, keepdims=True))
 
 
-def _product(spec, a, b, on_cpu):
-  """``einsum(spec, a, b)`` accumulated in float32 or wider; on CPU ``_on_all_threads``."""
+def _product(spec, a, b, threaded):
+  """``einsum(spec, a, b)`` accumulated in float32 or wider; ``threaded``: in the form XLA's
+  CPU backend runs on all its threads (``_on_all_threads``)."""
   product = einsum(spec, a, b, preferred_element_type=acc_dtype(a))
-  return _on_all_threads(product) if on_cpu else product
+  return _on_all_threads(product) if threaded else product
 
 
-def _logits(q, k, mask, bias, scale, on_cpu):
+def _logits(q, k, mask, bias, scale, threaded):
   """q ``[U, B, H, T, D]``, k ``[U, B, H, W, D]`` (or without B, ``_drop_unit_batch``), mask
   ``[U, 1, T, W]``, bias ``[U, H, T, W]`` or None -> masked logits ``[U, B, H, T, W]`` in the
   accumulation dtype.
@@ -333,7 +335,7 @@ def _logits(q, k, mask, bias, scale, on_cpu):
   tokens) to make it plain measured no faster over the whole attention (2D 56² K7) or up to
   1.2x slower (1D L4096 K63): XLA's gather of single columns costs what the product saves.
   """
-  s = _product("...td,...wd->...tw", q, k, on_cpu) * scale
+  s = _product("...td,...wd->...tw", q, k, threaded) * scale
   if bias is not None:
     s = s + _aligned(bias, s.ndim)
   return jnp.where(_aligned(mask, s.ndim), s, -jnp.inf)
@@ -406,6 +408,7 @@ class GatherLayout:
   rank: int
   split: KeySplit | None = None  # each part of a tile over its own run of the block's keys
   on_cpu: bool = True  # products and softmax in the forms XLA's CPU backend runs fast
+  threaded: bool = False  # products in the form it runs on all threads (``_product``)
 
   def _tokens(self, x):
     """``[B, *spatial, H, *rest]`` -> ``[B, N, H, *rest]``."""
@@ -451,6 +454,7 @@ class CutLayout:
 
   tilings: tuple[AxisTiling, ...]
   on_cpu: bool = False  # as GatherLayout's
+  threaded: bool = False  # as GatherLayout's
 
   def queries(self, x, token_index):
     del token_index
@@ -473,15 +477,15 @@ class CutLayout:
     return acc + grad
 
 
-def _softmax_attention(q, k, v, mask, bias, scale, on_cpu):
+def _softmax_attention(q, k, v, mask, bias, scale, threaded):
   """Attention of q ``[U, B, H, T, D]`` over k, v ``[U, B, H, W, D]`` with ``_logits``' mask
   and bias: ``(out, lse)``. A window whose every logit is -inf (an rpb of -inf) gives output 0
   and lse -inf."""
-  s = _logits(q, k, mask, bias, scale, on_cpu)
+  s = _logits(q, k, mask, bias, scale, threaded)
   peak = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(peak), peak, 0.0))
   total = jnp.sum(p, axis=-1, keepdims=True)
-  out = _product("...tw,...wd->...td", p.astype(v.dtype), v, on_cpu)
+  out = _product("...tw,...wd->...td", p.astype(v.dtype), v, threaded)
   some = total > 0
   out = out / jnp.where(some, total, 1.0)
   lse = jnp.where(some, peak + jnp.log(jnp.where(some, total, 1.0)), -jnp.inf)
@@ -529,7 +533,7 @@ def _forward_units(carry, mask, rpb_index, q_index, k_index, query, key, value, 
   if fused:
     out, lse = _fused_softmax_attention(q, k, v, mask, bias, scale)
   else:
-    out, lse = _softmax_attention(q, k, v, mask, bias, scale, layout.on_cpu)
+    out, lse = _softmax_attention(q, k, v, mask, bias, scale, layout.threaded)
   batch = query.shape[0]
   return (layout.put_queries(out_acc, q_index, _restore_unit_batch(out, batch)),
           layout.put_queries(lse_acc, q_index, _restore_unit_batch(lse, batch))), None
@@ -541,13 +545,13 @@ def _transposed_product(a, b):
   return einsum("...tw,...td->...wd", a, b, preferred_element_type=acc_dtype(a))
 
 
-def _transposed_product_cpu(a, b):
+def _transposed_product_cpu(a, b, threaded):
   """``_transposed_product`` as XLA's CPU backend runs it fast: ``(b^T a)^T`` with ``b^T``
   materialised is a plain ``[D, T] x [T, W]`` matmul, about 1.5x faster there than a
-  product with a transposed operand, and it runs on all threads (``_on_all_threads``).
-  Without the barriers XLA folds the transposes back into the product."""
+  product with a transposed operand. Without the barriers XLA folds the transposes back
+  into the product."""
   b_t = jax.lax.optimization_barrier(jnp.swapaxes(b, -1, -2))
-  product = _product("...dt,...tw->...dw", b_t, a, on_cpu=True)
+  product = _product("...dt,...tw->...dw", b_t, a, threaded)
   return jnp.swapaxes(jax.lax.optimization_barrier(product), -1, -2)
 
 
@@ -559,14 +563,15 @@ def _backward_units(carry, mask, rpb_index, q_index, k_index, query, key, value,
                            for x in (query, dout, out, lse, dlse))
   k, v = (_drop_unit_batch(layout.keys(x, k_index)) for x in (key, value))
   bias = None if rpb_table is None else _unit_bias(rpb_table, rpb_index)
-  s = _logits(q, k, mask, bias, scale, layout.on_cpu)
+  s = _logits(q, k, mask, bias, scale, layout.threaded)
   finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # fully masked rows: p = 0
   p = jnp.exp(s - finite_lse[..., None])
-  dp = _product("...td,...wd->...tw", do, v, layout.on_cpu)
+  dp = _product("...td,...wd->...tw", do, v, layout.threaded)
   ds = p * (dp - softmax_delta(do, out, dlse)[..., None])
   ds_low = ds.astype(q.dtype)
-  dq = _product("...tw,...wd->...td", ds_low, k, layout.on_cpu) * scale
-  product = _transposed_product_cpu if layout.on_cpu else _transposed_product
+  dq = _product("...tw,...wd->...td", ds_low, k, layout.threaded) * scale
+  product = (functools.partial(_transposed_product_cpu, threaded=layout.threaded)
+             if layout.on_cpu else _transposed_product)
   with_batch = lambda x: _restore_unit_batch(x, batch)
   # dk scaled once, at the end.
   dk_acc = layout.add_keys(dk_acc, k_index, with_batch(product(ds_low, q)))
@@ -637,16 +642,24 @@ def _attend_bwd(scale, chunks, layout, residuals, cotangents):
 
 attend_tiles.defvjp(_attend_fwd, _attend_bwd)
 
-# The most elements per chunk of units, per lowering platform, counting on CPU a chunk's query,
-# key and value tiles as well as its logits. On CPU each chunk's products run on all threads
-# (`_on_all_threads`), which pays only for a large enough batch of tiles (two cores): chunks of
-# 17 * 2^17 elements (10 units of 2D 56² K7 at B2 H4 D32, 8 of 3D 16³ K5 at B1 H4) took
-# 0.84-0.99x the forward+backward time of half-size chunks with the query-side products
+# The most elements per chunk of units, per plan, counting on CPU a chunk's query, key and value
+# tiles as well as its logits. On CPU with several threads each chunk's products run on all of
+# them (`_on_all_threads`), which pays only for a large enough batch of tiles: on two cores
+# chunks of 17 * 2^17 elements (10 units of 2D 56² K7 at B2 H4 D32, 8 of 3D 16³ K5 at B1 H4)
+# took 0.84-0.99x the forward+backward time of half-size chunks with the query-side products
 # (out, dq) plain, on every benchmark case; doubling the chunks alone changed nothing, threading
 # those products alone at the half size made 3D 1.05x slower, and chunks twice as large again
-# measured no better. On an accelerator each chunk is a loop iteration of many small kernels,
-# so chunks there only bound memory (1 GiB of logits per array, each a float32 or wider).
-CHUNK_ELEMENTS = {"cpu": 17 << 17, "accelerator": 1 << 28}
+# measured no better. With one thread the products stay plain (their reductions cost 1D L4096
+# K63 and 2D 56² K7 1.1-1.2x there) and chunks stay small enough for the cache (1D L4096 K63
+# at head dim 64 ran 15% faster in chunks of 4 units than of 8). On an accelerator each chunk
+# is a loop iteration of many small kernels, so chunks there only bound memory (1 GiB of logits
+# per array, each a float32 or wider).
+CHUNK_ELEMENTS = {"cpu": 17 << 17, "cpu, one thread": 17 << 16, "accelerator": 1 << 28}
+
+
+def xla_cpu_threads() -> int:
+  """Threads in XLA's CPU thread pool: the CPUs this process may run on."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 # Query rows per inference chunk on CPU: below this YNNPACK takes none of the per-row ops, and
 # the fused forward (`_fused_softmax_attention`) falls apart. Inference joins the fewest
@@ -684,21 +697,23 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
   per_unit = unit_elements(tilings, b, heads, dim)
 
   def run(platform):
-    """The attention on ``platform``, for chunks of at most ``CHUNK_ELEMENTS[platform]`` (or
+    """The attention on ``platform``, for chunks of at most ``CHUNK_ELEMENTS`` of its plan (or
     one unit), as even as that number of chunks allows; on CPU inference takes as few of them
     at a time as hold ``FUSED_ROWS`` query rows."""
     on_cpu = platform == "cpu"
-    chunks = -(-units // max(1, CHUNK_ELEMENTS[platform] // per_unit[platform]))
+    threaded = on_cpu and xla_cpu_threads() > 1
+    plan = ("cpu" if threaded else "cpu, one thread") if on_cpu else platform
+    chunks = -(-units // max(1, CHUNK_ELEMENTS[plan] // per_unit[platform]))
     chunk = -(-units // chunks)
     rows = chunk * b * heads * tile_queries
     group = next(g for g in range(1, chunks + 1)
                  if chunks % g == 0 and (not on_cpu or g * rows >= FUSED_ROWS or g == chunks))
     if chunk == units:  # one batch: cut tiles
-      layout, padded = CutLayout(tilings, on_cpu), tables
+      layout, padded = CutLayout(tilings, on_cpu, threaded), tables
     else:  # chunks gather theirs; the last chunk filled up with empty units
       # Not in 3D: on 16³ K5 the halves' forward ran 15% faster but their backward slower.
       split = key_split(tables[0][:, 0], tilings) if on_cpu and nbhd.rank < 3 else None
-      layout = GatherLayout(nbhd.rank, split, on_cpu)
+      layout = GatherLayout(nbhd.rank, split, on_cpu, threaded)
       padded = _pad_units(tables if split is None else split.cut_tables(tables),
                           chunks * chunk, math.prod(spatial))
     return lambda *a: attend_tiles(*a, *padded, scale, (group * chunk, chunk), layout)
