@@ -310,10 +310,11 @@ def _on_all_threads(product):
   That backend gives a lone matmul to YNNPACK, which runs a batch of small products on one
   thread; joined in one fusion by a reduction of its result, the product is spread over the
   thread pool, batch included. ``min(x, max(x))`` along axis -2 is that reduction and gives
-  ``x`` back (a NaN spreads along the axis). Alone, chunks of the tiles' products ran
-  1.6-2.2x faster with it on two cores (2D 56² K7, 1D L4096 K63, 3D 16³ K5), except the
-  query-side products (``[T, W] x [W, D]``) of chunks of 16 tiles. Only ever on CPU:
-  elsewhere it would be a wasted pass.
+  ``x`` back, except that a NaN spreads along that axis (a NaN query or output-gradient row
+  reaches every query row of its tile, for that batch entry and head). Alone, chunks of the
+  tiles' products ran 1.6-2.2x faster with it on two cores (2D 56² K7, 1D L4096 K63, 3D 16³
+  K5), except the query-side products (``[T, W] x [W, D]``) of chunks of 16 tiles. Only ever
+  on CPU: elsewhere it would be a wasted pass.
   """
   return jnp.minimum(product, jnp.max(product, axis=-2, keepdims=True))
 
