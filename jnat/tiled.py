@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ from jnat import reference
 from jnat.reference import (acc_dtype, einsum, fused_out_specs, per_head_layout,
                              softmax_delta, spread_heads)
 from jnat._checks import Neighborhood
+from jnat.cpu_info import usable_cores
 
 # Queries per tile along each axis (in dilation-group coordinates), by rank.
 TILE = {1: 64, 2: (8, 8), 3: (4, 4, 4)}
@@ -657,11 +657,6 @@ attend_tiles.defvjp(_attend_fwd, _attend_bwd)
 # per array, each a float32 or wider).
 CHUNK_ELEMENTS = {"cpu": 17 << 17, "cpu, one thread": 17 << 16, "accelerator": 1 << 28}
 
-
-def xla_cpu_threads() -> int:
-  """Threads in XLA's CPU thread pool: the CPUs this process may run on."""
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
 # Query rows per inference chunk on CPU: below this YNNPACK takes none of the per-row ops, and
 # the fused forward (`_fused_softmax_attention`) falls apart. Inference joins the fewest
 # training chunks that reach it: more ran up to 1.1x faster on two cores but 1.15x slower on
@@ -702,7 +697,7 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
     one unit), as even as that number of chunks allows; on CPU inference takes as few of them
     at a time as hold ``FUSED_ROWS`` query rows."""
     on_cpu = platform == "cpu"
-    threaded = on_cpu and xla_cpu_threads() > 1
+    threaded = on_cpu and usable_cores() > 1  # the size of XLA's CPU thread pool
     plan = ("cpu" if threaded else "cpu, one thread") if on_cpu else platform
     chunks = -(-units // max(1, CHUNK_ELEMENTS[plan] // per_unit[platform]))
     chunk = -(-units // chunks)

@@ -286,7 +286,7 @@ def test_cpu_training_products_each_fused_with_a_reduction(threads, monkeypatch)
   five backward) is one YNNPACK fusion with a reduction of its result, the form XLA's CPU
   backend runs on all threads (1.6-2.2x faster per product on two cores); a plain product
   runs on one. With one thread the products stay plain."""
-  monkeypatch.setattr(tiled, "xla_cpu_threads", lambda: threads)
+  monkeypatch.setattr(tiled, "usable_cores", lambda: threads)
   text = jax.jit(_gradient("tiled")).lower(*_case_a(rpb=True)).compile().as_text()
   products = [body for body in text.split("\n\n") if " dot(" in body]
   threaded = [body for body in products if " reduce(" in body and " minimum(" in body]
