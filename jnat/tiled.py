@@ -39,6 +39,18 @@ from jnat.cpu_info import usable_cores
 TILE = {1: 64, 2: (8, 8), 3: (4, 4, 4)}
 
 
+def default_tile(nbhd: Neighborhood, threaded: bool) -> tuple[int, ...] | int:
+  """``TILE[rank]``, except in 2D on CPU with several threads and a kernel of 11 or more
+  along the first axis: tiles of 16 x 8. Their products have twice the rows, which XLA's
+  threads split better, for a quarter more work per query (each half of a tile runs over
+  20 x 20 keys instead of 16 x 20 with K13). On two cores, forward+backward: 0.87-0.96x the
+  time of 8 x 8 with K13 (128²), 0.93x with K11, but 1.09x with K9 and 1.07-1.18x with K7
+  (64² and 56²); on one core 1.09-1.14x with K11 and K13."""
+  if nbhd.rank == 2 and threaded and nbhd.kernel_size[0] >= 11:
+    return (16, 8)
+  return TILE[nbhd.rank]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class AxisTiling:
   """How one spatial axis is cut into tiles: static tables, built once per shape.
@@ -105,8 +117,9 @@ def _axis_tiling(length, kernel, stride, dilation, causal, wanted_tile) -> AxisT
 
 @functools.lru_cache(maxsize=256)
 def tiling(spatial: tuple[int, ...], nbhd: Neighborhood,
-           tile: tuple[int, ...] | None = None) -> tuple[AxisTiling, ...]:
-  """Per-axis tilings of a query grid (cached: the tables are built in NumPy)."""
+           tile: tuple[int, ...] | int | None = None) -> tuple[AxisTiling, ...]:
+  """Per-axis tilings of a query grid (cached: the tables are built in NumPy); ``tile``
+  defaults to ``TILE[rank]``."""
   tile = tile or TILE[nbhd.rank]
   tile = (tile,) * nbhd.rank if isinstance(tile, int) else tile
   return tuple(_axis_tiling(*args) for args in zip(
@@ -582,11 +595,13 @@ def _backward_units(carry, mask, rpb_index, q_index, k_index, query, key, value,
   return (drpb, layout.put_queries(dq_acc, q_index, with_batch(dq)), dk_acc, dv_acc), None
 
 
-def _scan_units(fn, chunk, per_unit, shared, carry):
-  """``fn(carry, *per_unit_chunk, *shared) -> (carry, None)`` over chunks of ``chunk`` units
-  (axis 0 of every ``per_unit`` table; ``chunk`` divides them), one chunk at a time so that
-  the per-tile intermediates stay small; returns the final carry."""
-  units = per_unit[0].shape[0]
+def _scan_units(fn, plan, per_unit, shared, carry):
+  """``fn(carry, *per_unit_chunk, *shared) -> (carry, None)`` over the first ``units`` units
+  (axis 0 of every ``per_unit`` table) in chunks of ``chunk``, ``plan = (chunk, units)``
+  (``chunk`` divides ``units``), one chunk at a time so that the per-tile intermediates stay
+  small; returns the final carry."""
+  chunk, units = plan
+  per_unit = [None if x is None else x[:units] for x in per_unit]
   if chunk == units:
     return fn(carry, *per_unit, *shared)[0]
   split = lambda x: None if x is None else x.reshape(units // chunk, chunk, *x.shape[1:])
@@ -602,27 +617,27 @@ def attend_tiles(query, key, value, rpb_table, mask, rpb_index, q_index, k_index
   with its positions flattened, heads last) or None. Per unit: mask ``[U, 1, T, W]``,
   rpb_index ``[U, T, W]`` (``tile_rpb_index``, None without rpb), q_index ``[U, T]`` and
   k_index ``[U, W]`` (``query_token_index``, ``key_token_index``). out like the query; lse
-  ``[B, *spatial, H]`` in the accumulation dtype. Runs ``chunks = (inference, training)``
-  units at a time, their tiles made by ``layout`` (``GatherLayout`` or ``CutLayout``). On CPU
+  ``[B, *spatial, H]`` in the accumulation dtype. Runs ``chunks = (inference, training)``,
+  each ``(units at a time, units)`` (``_scan_units``), their tiles made by ``layout`` (``GatherLayout`` or ``CutLayout``). On CPU
   the inference forward is ``_fused_softmax_attention``; training keeps the separate
   products, as the lse it needs costs the fused form a second logits product.
   """
   return _attend_forward(query, key, value, rpb_table, mask, rpb_index, q_index, k_index,
-                         scale=scale, chunk=chunks[0], layout=layout, fused=layout.on_cpu)
+                         scale=scale, plan=chunks[0], layout=layout, fused=layout.on_cpu)
 
 
 def _attend_forward(query, key, value, rpb_table, mask, rpb_index, q_index, k_index, *, scale,
-                    chunk, layout, fused):
+                    plan, layout, fused):
   forward = functools.partial(_forward_units, scale=scale, layout=layout, fused=fused)
   carry = (jnp.zeros_like(query), jnp.zeros(query.shape[:-1], acc_dtype(query)))
-  return _scan_units(forward, chunk, (mask, rpb_index, q_index, k_index),
+  return _scan_units(forward, plan, (mask, rpb_index, q_index, k_index),
                      (query, key, value, rpb_table), carry)
 
 
 def _attend_fwd(query, key, value, rpb_table, mask, rpb_index, q_index, k_index, scale, chunks,
                 layout):
   out, lse = _attend_forward(query, key, value, rpb_table, mask, rpb_index, q_index, k_index,
-                             scale=scale, chunk=chunks[1], layout=layout, fused=False)
+                             scale=scale, plan=chunks[1], layout=layout, fused=False)
   return (out, lse), (query, key, value, rpb_table, mask, rpb_index, q_index, k_index, out, lse)
 
 
@@ -660,7 +675,9 @@ CHUNK_ELEMENTS = {"cpu": 17 << 17, "cpu, one thread": 17 << 16, "accelerator": 1
 # Query rows per inference chunk on CPU: below this YNNPACK takes none of the per-row ops, and
 # the fused forward (`_fused_softmax_attention`) falls apart. Inference joins the fewest
 # training chunks that reach it: more ran up to 1.1x faster on two cores but 1.15x slower on
-# one (1D L4096 K63, 4 chunks instead of 2).
+# one (1D L4096 K63, 4 chunks instead of 2). Its loop has units of its own to pad where that
+# number does not divide the training chunks: when it had to (2D 64² K11, 11 chunks of 6
+# units), all units ran in one step, 2.8x slower than in chunks.
 FUSED_ROWS = 4096
 
 
@@ -680,39 +697,36 @@ def _pad_units(tables, units, tokens):
 
 
 def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
-  tilings = tiling(tuple(query.shape[1:1 + nbhd.rank]), nbhd, tile)
   key, value = (spread_heads(x, query.shape[-2], kv_sharded) for x in (key, value))
   b, *spatial, heads, dim = query.shape
-  units, tile_queries, _ = _tile_dims(tilings)
-  rpb_table = rpb_index = None
-  if rpb is not None:
-    rpb_table = rpb.astype(acc_dtype(query)).reshape(heads, -1).T
-    rpb_index = tile_rpb_index(tilings, rpb.shape)
-  tables = (tile_mask(tilings), rpb_index, query_token_index(tilings), key_token_index(tilings))
-
-  per_unit = unit_elements(tilings, b, heads, dim)
+  rpb_table = None if rpb is None else rpb.astype(acc_dtype(query)).reshape(heads, -1).T
 
   def run(platform):
     """The attention on ``platform``, for chunks of at most ``CHUNK_ELEMENTS`` of its plan (or
     one unit), as even as that number of chunks allows; on CPU inference takes as few of them
-    at a time as hold ``FUSED_ROWS`` query rows."""
+    at a time as hold ``FUSED_ROWS`` query rows (``_scan_units``' plans)."""
     on_cpu = platform == "cpu"
     threaded = on_cpu and usable_cores() > 1  # the size of XLA's CPU thread pool
+    tilings = tiling(tuple(spatial), nbhd, tile or default_tile(nbhd, threaded))
+    units, tile_queries, _ = _tile_dims(tilings)
+    rpb_index = None if rpb is None else tile_rpb_index(tilings, rpb.shape)
+    tables = (tile_mask(tilings), rpb_index, query_token_index(tilings), key_token_index(tilings))
+    per_unit = unit_elements(tilings, b, heads, dim)
     plan = ("cpu" if threaded else "cpu, one thread") if on_cpu else platform
     chunks = -(-units // max(1, CHUNK_ELEMENTS[plan] // per_unit[platform]))
     chunk = -(-units // chunks)
     rows = chunk * b * heads * tile_queries
-    group = next(g for g in range(1, chunks + 1)
-                 if chunks % g == 0 and (not on_cpu or g * rows >= FUSED_ROWS or g == chunks))
+    group = min(chunks, -(-FUSED_ROWS // rows)) if on_cpu else 1  # training chunks per step
+    plans = ((group * chunk, -(-chunks // group) * group * chunk), (chunk, chunks * chunk))
     if chunk == units:  # one batch: cut tiles
       layout, padded = CutLayout(tilings, on_cpu, threaded), tables
-    else:  # chunks gather theirs; the last chunk filled up with empty units
+    else:  # chunks gather theirs; the last chunks filled up with empty units
       # Not in 3D: on 16³ K5 the halves' forward ran 15% faster but their backward slower.
       split = key_split(tables[0][:, 0], tilings) if on_cpu and nbhd.rank < 3 else None
       layout = GatherLayout(nbhd.rank, split, on_cpu, threaded)
       padded = _pad_units(tables if split is None else split.cut_tables(tables),
-                          chunks * chunk, math.prod(spatial))
-    return lambda *a: attend_tiles(*a, *padded, scale, (group * chunk, chunk), layout)
+                          plans[0][1], math.prod(spatial))
+    return lambda *a: attend_tiles(*a, *padded, scale, plans, layout)
 
   # Every platform its own plan: the layouts differ at least in on_cpu.
   return jax.lax.platform_dependent(query, key, value, rpb_table, cpu=run("cpu"),
@@ -722,7 +736,7 @@ def _attend(query, key, value, rpb, *, nbhd, scale, tile, kv_sharded):
 def na_forward(query, key, value, nbhd: Neighborhood, scale: float, rpb=None, tile=None):
   """Fused neighborhood attention: ``(out, lse)``; natural-log lse in the accumulation dtype.
 
-  ``tile``: queries per tile along each axis (default ``TILE[rank]``). Matmuls run at full
+  ``tile``: queries per tile along each axis (default ``default_tile``). Matmuls run at full
   precision (never TF32 or single-pass bfloat16 for float32 inputs), as the reference's do.
   """
   attend = functools.partial(_attend, nbhd=nbhd, scale=scale, tile=tile)

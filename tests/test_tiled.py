@@ -12,6 +12,8 @@
 """
 
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,8 +159,9 @@ SPLIT = [
 def test_small_chunks_match_reference(c, per_chunk, monkeypatch):
   """The CPU loop with small tiles, one per chunk or a few (the last chunk filled up with
   empty units), so that many chunks gather overlapping key blocks and add their key
-  gradients into the loop's carry (the random buckets mostly fit in one chunk); and tiles
-  split over their keys, in exactly the configurations meant to be."""
+  gradients into the loop's carry (the random buckets mostly fit in one chunk); inference in
+  steps of two chunks, padded further where their number is odd; and tiles split over their
+  keys, in exactly the configurations meant to be."""
   batch = 3  # odd: the rpb gradient halves the batch unevenly
   tile = c.get("tile", (2,) * c["rank"])
   monkeypatch.setitem(tiled.TILE, c["rank"], tile)
@@ -170,6 +173,8 @@ def test_small_chunks_match_reference(c, per_chunk, monkeypatch):
   per_unit = tiled.unit_elements(tilings, batch, c["heads"], dim)
   for plan in ("cpu", "cpu, one thread"):
     monkeypatch.setitem(tiled.CHUNK_ELEMENTS, plan, int(per_chunk * per_unit["cpu"]))
+  # Inference in steps of two training chunks, which an odd number of them does not divide.
+  monkeypatch.setattr(tiled, "FUSED_ROWS", per_chunk * batch * c["heads"] * math.prod(tile) + 1)
   q, k, v, rpb, _, _ = random_inputs(4, batch, c["spatial"], c["heads"], c["kv_heads"], dim,
                                      rpb_shape=tuple(2 * k - 1 for k in c["kernel_size"]))
 
@@ -292,6 +297,28 @@ def test_cpu_training_products_each_fused_with_a_reduction(threads, monkeypatch)
   threaded = [body for body in products if " reduce(" in body and " minimum(" in body]
   assert len(threaded) == (7 if threads > 1 else 0), len(threaded)
   assert "__ynn_fusion" in text
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_wide_kernels_take_tall_tiles_on_threads(threads, monkeypatch):
+  """In 2D with a kernel of 11 or more along the first axis and several CPU threads the tiles
+  are 16 x 8 (``tiled.default_tile``), split over their keys; with one thread 8 x 8. Results
+  and gradients match the reference either way."""
+  monkeypatch.setattr(tiled, "usable_cores", lambda: threads)
+  used, tiling = [], tiled.tiling
+  monkeypatch.setattr(tiled, "tiling", lambda spatial, nbhd, tile: used.append(tile) or
+                      tiling(spatial, nbhd, tile))
+  q, k, v, rpb, _, _ = random_inputs(5, 2, (34, 30), 2, 1, 8, rpb_shape=(21, 13))
+  na = lambda backend, q, k, v, rpb: op(2)(q, k, v, (11, 7), dilation=(1, 2), rpb=rpb,
+                                           backend=backend)
+
+  def outputs_and_grads(backend):
+    loss = lambda *a: jnp.sum(jnp.sin(na(backend, *a)))
+    return (na(backend, q, k, v, rpb), *jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, rpb))
+
+  for got, want in zip(outputs_and_grads("tiled"), outputs_and_grads("xla"), strict=True):
+    assert rel_err(got, want) <= 1e-5
+  assert ((16, 8) in used) == (threads > 1), used  # accelerators' plans take (8, 8)
 
 
 def test_float32_products_at_full_precision_on_gpu():
