@@ -618,9 +618,10 @@ def attend_tiles(query, key, value, rpb_table, mask, rpb_index, q_index, k_index
   rpb_index ``[U, T, W]`` (``tile_rpb_index``, None without rpb), q_index ``[U, T]`` and
   k_index ``[U, W]`` (``query_token_index``, ``key_token_index``). out like the query; lse
   ``[B, *spatial, H]`` in the accumulation dtype. Runs ``chunks = (inference, training)``,
-  each ``(units at a time, units)`` (``_scan_units``), their tiles made by ``layout`` (``GatherLayout`` or ``CutLayout``). On CPU
-  the inference forward is ``_fused_softmax_attention``; training keeps the separate
-  products, as the lse it needs costs the fused form a second logits product.
+  each ``(units at a time, units)`` (``_scan_units``), their tiles made by ``layout``
+  (``GatherLayout`` or ``CutLayout``). On CPU the inference forward is
+  ``_fused_softmax_attention``; training keeps the separate products, as the lse it needs
+  costs the fused form a second logits product.
   """
   return _attend_forward(query, key, value, rpb_table, mask, rpb_index, q_index, k_index,
                          scale=scale, plan=chunks[0], layout=layout, fused=layout.on_cpu)

@@ -303,11 +303,15 @@ def test_cpu_training_products_each_fused_with_a_reduction(threads, monkeypatch)
 def test_wide_kernels_take_tall_tiles_on_threads(threads, monkeypatch):
   """In 2D with a kernel of 11 or more along the first axis and several CPU threads the tiles
   are 16 x 8 (``tiled.default_tile``), split over their keys; with one thread 8 x 8. Results
-  and gradients match the reference either way."""
+  and gradients match the reference either way, in the chunk loop (one unit per chunk)."""
   monkeypatch.setattr(tiled, "usable_cores", lambda: threads)
+  for plan in ("cpu", "cpu, one thread"):
+    monkeypatch.setitem(tiled.CHUNK_ELEMENTS, plan, 1)
   used, tiling = [], tiled.tiling
   monkeypatch.setattr(tiled, "tiling", lambda spatial, nbhd, tile: used.append(tile) or
                       tiling(spatial, nbhd, tile))
+  tall = tiling((34, 30), _checks.Neighborhood((11, 7), (1, 1), (1, 2), (False, False)), (16, 8))
+  assert tiled.key_split(tiled.tile_mask(tall)[:, 0], tall) is not None
   q, k, v, rpb, _, _ = random_inputs(5, 2, (34, 30), 2, 1, 8, rpb_shape=(21, 13))
   na = lambda backend, q, k, v, rpb: op(2)(q, k, v, (11, 7), dilation=(1, 2), rpb=rpb,
                                            backend=backend)
