@@ -160,8 +160,9 @@ def test_small_chunks_match_reference(c, per_chunk, monkeypatch):
   """The CPU loop with small tiles, one per chunk or a few (the last chunk filled up with
   empty units), so that many chunks gather overlapping key blocks and add their key
   gradients into the loop's carry (the random buckets mostly fit in one chunk); inference in
-  steps of two chunks, padded further where their number is odd; and tiles split over their
-  keys, in exactly the configurations meant to be."""
+  steps of two chunks where a chunk holds fewer query rows than ``FUSED_ROWS``, padded
+  further where their number is odd (1D and 2D split: 12 and 10 units against 9); and tiles
+  split over their keys, in exactly the configurations meant to be."""
   batch = 3  # odd: the rpb gradient halves the batch unevenly
   tile = c.get("tile", (2,) * c["rank"])
   monkeypatch.setitem(tiled.TILE, c["rank"], tile)
@@ -173,7 +174,7 @@ def test_small_chunks_match_reference(c, per_chunk, monkeypatch):
   per_unit = tiled.unit_elements(tilings, batch, c["heads"], dim)
   for plan in ("cpu", "cpu, one thread"):
     monkeypatch.setitem(tiled.CHUNK_ELEMENTS, plan, int(per_chunk * per_unit["cpu"]))
-  # Inference in steps of two training chunks, which an odd number of them does not divide.
+  # Inference in steps of (at most) two training chunks, which an odd number does not divide.
   monkeypatch.setattr(tiled, "FUSED_ROWS", per_chunk * batch * c["heads"] * math.prod(tile) + 1)
   q, k, v, rpb, _, _ = random_inputs(4, batch, c["spatial"], c["heads"], c["kv_heads"], dim,
                                      rpb_shape=tuple(2 * k - 1 for k in c["kernel_size"]))
