@@ -161,8 +161,8 @@ def test_small_chunks_match_reference(c, per_chunk, monkeypatch):
   empty units), so that many chunks gather overlapping key blocks and add their key
   gradients into the loop's carry (the random buckets mostly fit in one chunk); inference in
   steps of two chunks where a chunk holds fewer query rows than ``FUSED_ROWS``, padded
-  further where their number is odd (1D and 2D split: 12 and 10 units against 9); and tiles
-  split over their keys, in exactly the configurations meant to be."""
+  further where their number is odd (1d-padded: 12 units against 9, 2d-split: 10 against
+  9); and tiles split over their keys, in exactly the configurations meant to be."""
   batch = 3  # odd: the rpb gradient halves the batch unevenly
   tile = c.get("tile", (2,) * c["rank"])
   monkeypatch.setitem(tiled.TILE, c["rank"], tile)
