@@ -14,14 +14,22 @@ import platform
 
 
 def _cpu_model() -> str:
+  """The CPU's name; on x86 with its family and model numbers, which tell generations apart
+  where a virtual machine shows only a brand ("AMD EPYC": Zen 3 is family 25, Zen 5 26)."""
+  fields = {}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith(("model name", "Model")):
-          return line.split(":", 1)[1].strip()
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
   except OSError:
     pass
-  return platform.processor() or platform.machine()
+  name = fields.get("model name") or fields.get("Model")
+  if not name:
+    return platform.processor() or platform.machine()
+  if "cpu family" in fields and "model" in fields:
+    return f"{name} (family {fields['cpu family']}, model {fields['model']})"
+  return name
 
 
 def usable_cores() -> int:
@@ -39,8 +47,10 @@ def cpu_info() -> dict:
   Returns a dict: ``model`` (the CPU's name), ``isa`` (the instruction set the kernels run
   with), ``supported`` (this build's instruction sets that the CPU supports, best first),
   ``baseline`` (what the baseline's vectors are here: ``sse2`` or ``neon``), ``cores`` (the
-  cores this process may run on) and ``pool_threads`` (the threads of XLA's intra-op pool
-  that the kernels share, as the last kernel call saw them; 0 before the first call).
+  cores this process may run on), ``l2_cache_bytes`` (the per-core L2 cache as the operating
+  system reports it, 0 if it does not; the forward kernel sizes its working set by it) and
+  ``pool_threads`` (the threads of XLA's intra-op pool that the kernels share, as the last
+  kernel call saw them; 0 before the first call).
 
   Raises RuntimeError without the compiled CPU module, and ValueError when ``JNAT_CPU_ISA``
   names no instruction set this CPU supports.
@@ -51,4 +61,4 @@ def cpu_info() -> dict:
     raise RuntimeError("this jnat installation has no compiled CPU kernels") from e
   return dict(model=_cpu_model(), isa=_jnat_cpu.isa(), supported=list(_jnat_cpu.supported_isas()),
               baseline=_jnat_cpu.baseline_vectors(), cores=usable_cores(),
-              pool_threads=_jnat_cpu.pool_threads())
+              l2_cache_bytes=_jnat_cpu.l2_cache_bytes(), pool_threads=_jnat_cpu.pool_threads())

@@ -7,6 +7,7 @@ on random configurations, and bitwise-deterministic backward passes.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,6 +58,15 @@ def test_cpu_info_reports_the_machine():
   assert info["baseline"] in ("sse2", "neon")
   if "avx512f" in _cpuinfo_flags():
     assert "avx512" in info["supported"]
+  if "cpu family" in _cpuinfo_flags():  # x86 Linux: the generation, not just the brand
+    assert "family" in info["model"] and "model" in info["model"]
+  # The L2 size the forward sizes its working set by: what the operating system reports.
+  getconf = shutil.which("getconf")
+  reported = subprocess.run([getconf, "LEVEL2_CACHE_SIZE"], capture_output=True,
+                            text=True).stdout.strip() if getconf else ""
+  if reported.isdigit():
+    assert info["l2_cache_bytes"] == int(reported)
+  assert info["l2_cache_bytes"] >= 0
 
 
 def _cpuinfo_flags():

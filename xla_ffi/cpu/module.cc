@@ -39,6 +39,8 @@ NB_MODULE(_jnat_cpu, m) {
         "What the baseline instruction set's vectors are here (sse2, neon).");
   m.def("set_isa", &jnat::cpu::SelectIsa, nanobind::arg("name"),
         "Selects the kernels' instruction set in process (tests); ValueError if unsupported.");
+  m.def("l2_cache_bytes", &jnat::cpu::L2CacheBytes,
+        "The CPU's per-core L2 cache in bytes as the operating system reports it (0: unknown).");
   m.def("pool_threads", &jnat::cpu::LastPoolThreads,
         "Threads of XLA's intra-op pool as the last kernel call saw them (0: no call yet).");
 }

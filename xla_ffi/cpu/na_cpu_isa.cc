@@ -6,6 +6,12 @@
 #include <mutex>
 #include <stdexcept>
 
+#if defined(__APPLE__)
+#include <sys/sysctl.h>
+#else
+#include <unistd.h>
+#endif
+
 namespace jnat::cpu {
 namespace {
 
@@ -128,6 +134,20 @@ Isa ActiveIsa() { return active_isa.load(); }
 std::string IsaError() {
   std::lock_guard<std::mutex> lock(error_mutex);
   return error;
+}
+
+int64_t L2CacheBytes() {
+  static const int64_t bytes = [] {
+    int64_t n = 0;
+#if defined(__APPLE__)
+    size_t size = sizeof(n);
+    if (sysctlbyname("hw.l2cachesize", &n, &size, nullptr, 0) != 0) n = 0;
+#elif defined(_SC_LEVEL2_CACHE_SIZE)
+    n = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return n > 0 ? n : 0;
+  }();
+  return bytes;
 }
 
 }  // namespace jnat::cpu

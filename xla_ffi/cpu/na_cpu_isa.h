@@ -1,4 +1,4 @@
-// Which instruction set the CPU kernels run with, chosen at run time.
+// Which instruction set the CPU kernels run with, chosen at run time, and the CPU's caches.
 //
 // The kernels are compiled once per instruction set (na_cpu_isa_kernels.cc) into one module
 // that loads on any CPU of its architecture: x86-64 has AVX-512, AVX2 + FMA and a baseline
@@ -62,5 +62,9 @@ const KernelTable* ActiveKernels();
 Isa ActiveIsa();
 // Why no kernels are selected ("" when they are).
 std::string IsaError();
+
+// The CPU's L2 cache (per core) in bytes as the operating system reports it; 0 if unknown.
+// The forward sizes its working set by it.
+int64_t L2CacheBytes();
 
 }  // namespace jnat::cpu
