@@ -21,9 +21,9 @@ XLA's CPU matmul uses the widest vectors the CPU has, whichever instruction set 
 kernels were told to use (``JNAT_CPU_ISA``). So when the cpu backend is benchmarked on x86-64,
 a second reference rate is measured: the float32 matmul at the kernels' vector width, from
 numpy's OpenBLAS pinned to the core type whose kernels use those vectors (AVX-512, AVX2 + FMA
-or 128-bit SSE). It is what this CPU reaches at that width, an emulation of a narrower CPU
-rather than a measurement on one; "–" where no such pin applies (other architectures, a
-numpy without OpenBLAS, a pin OpenBLAS does not take).
+or 128-bit SSE). For a path narrower than the CPU's widest it is what this CPU reaches at
+that width, an emulation of a narrower CPU rather than a measurement on one; "–" where no such
+pin applies (other architectures, a numpy without OpenBLAS, a pin OpenBLAS does not take).
 """
 
 from __future__ import annotations
@@ -309,7 +309,8 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
   result = dict(date=datetime.date.today().isoformat(), suite=suite,
                 device=jax.devices(platform)[0].device_kind, machine=platform_module.machine(),
                 cores=usable_cores(), jax=jax.__version__, cpu_model=cpu and cpu["model"],
-                cpu_isa=cpu and cpu["isa"], path_width_core=path_width and path_width["core"],
+                cpu_isa=cpu and cpu["isa"], cpu_widest_isa=cpu and cpu["supported"][0],
+                path_width_core=path_width and path_width["core"],
                 repeats=repeats, rounds=rounds, peaks=peaks, rows=rows)
   for case in cases:
     q, k, v, rpb, dout = _inputs(case)
@@ -410,8 +411,9 @@ def markdown(result) -> str:
     peak_text += ("; float32 2048² matmul at the {} path's vector width: {}".format(
         result.get("cpu_isa"),
         f"{rate_text('path_width_matmul_tflops')}, OpenBLAS pinned to "
-        f"{result['path_width_core']} kernels on this CPU: an emulation of a narrower CPU, "
-        "not a measurement on one"
+        f"{result['path_width_core']} kernels on this CPU: "
+        + ("the widest vectors it has" if result.get("cpu_widest_isa") == result.get("cpu_isa")
+           else "an emulation of a narrower CPU, not a measurement on one")
         if path_peak else "– (no OpenBLAS here that takes a core type for this path)"))
   rounds = result.get("rounds", 1)
   rounds_text = f", then the median of {rounds} interleaved rounds" if rounds > 1 else ""

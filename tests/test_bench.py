@@ -155,6 +155,12 @@ def test_bench_tabulates_the_path_width_matmul_for_the_cpu_kernels(monkeypatch):
   xla_row = [c.strip() for c in table[5].strip("|").split("|")]
   assert xla_row[1] == "jnat xla" and xla_row[header.index("fwd % of path-width matmul")] == "–"
   assert "OpenBLAS pinned to Haswell" in table[0]
+  # The pin is an emulation only for a path narrower than the CPU's widest.
+  widest = result["cpu_widest_isa"] == result["cpu_isa"]
+  assert ("the widest vectors it has" in table[0]) == widest
+  assert ("an emulation of a narrower CPU" in table[0]) == (not widest)
+  narrower = dict(result, cpu_widest_isa="avx512", cpu_isa="avx2")
+  assert "an emulation of a narrower CPU" in bench.markdown(narrower).splitlines()[0]
 
   # Not measured unless the cpu backend is timed; "–" where it could not be.
   assert "path_width_matmul_tflops" not in bench.run(
