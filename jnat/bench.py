@@ -293,8 +293,9 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
     peaks["copy_gbs"] = copy_bandwidth_gbs(repeats)
   cpu = cpu_info() if "cpu" in jnat.available_backends("cpu") else None
   if cpu:
-    log(f"cpu: {cpu['model']}, L2 {cpu['l2_cache_bytes'] >> 10} KiB per core, jnat cpu kernels: "
-        f"{cpu['isa']} (supported: {cpu['supported']})")
+    l2 = f"{cpu['l2_cache_bytes'] >> 10} KiB" if cpu["l2_cache_bytes"] else "unknown"
+    log(f"cpu: {cpu['model']}, L2 {l2} per core, jnat cpu kernels: {cpu['isa']} "
+        f"(supported: {cpu['supported']})")
   path_width = None
   if platform == "cpu" and cpu and (not only or "jnat cpu" in only):
     path_width = path_width_matmul(cpu["isa"], 2048, repeats)  # None: no pin applies here
