@@ -643,11 +643,12 @@ inline Vf LaneStat(const NaGeometry& s, const LaneTask& t, const float* x) {
 // Head g (of the kv head's G) of one tile in the query rows of a block: for query row i,
 // probabilities p (into sc.s0 + (i * G + g) * slots * kLanes) and scale * ds (into sc.s1 +
 // ...), compact copies of its q and dout rows (sc.q_rows, sc.dout_rows + (i * G + g) * kLanes
-// * Dp), and dq of its queries; and the rpb gradient of the head (rpb_grad, or nullptr).
+// * Dp), and dq of its queries; and adds the head's rpb gradient to rpb_lanes ([RR][kLanes]:
+// each rpb entry's sums by lane, reduced once per item; or nullptr).
 inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const PlaneTransposed& kt,
                              const PlaneTransposed& vt, const float* q, const float* rpb,
                              const float* dout, const float* lse, const float* delta,
-                             float scale, int64_t g, LaneScratch& sc, float* rpb_grad,
+                             float scale, int64_t g, LaneScratch& sc, float* rpb_lanes,
                              float* dq) {
   const LaneTile& tile = *blk.task[0].tile;
   const int64_t K2 = s.kernel[2], D = s.dim, Dp = PaddedDim(s), G = s.group();
@@ -675,6 +676,8 @@ inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const Pl
   BlockDots(s, blk, kt, xt, p);
   BlockDots(s, blk, vt, yt, dp);
   const Vi count = LoadI(tile.count);
+  Vi lane_ok;  // the tile's lanes, not its padding
+  for (int j = 0; j < kLanes; ++j) lane_ok[j] = j < tile.lanes ? -1 : 0;
   for (int64_t i = 0; i < blk.n; ++i) {
     const LaneTask& t = blk.task[i];
     FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, p[i]);
@@ -687,14 +690,13 @@ inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const Pl
       const Vf dsv = Select(valid, pv * (Load(dp[i] + n * kLanes) - delta_v), Vf{});
       Store(p[i] + n * kLanes, pv);
       Store(ds[i] + n * kLanes, Set1(scale) * dsv);
-      if (rpb_grad != nullptr) {  // dsv is 0 at masked slots
-        float* bias = rpb_grad + t.bias_row[n / K2] + n % K2;
-        if (tile.same_rpb) {
-          float sum = 0.0f;
-          for (int64_t j = 0; j < tile.lanes; ++j) sum += dsv[j];
-          bias[tile.rpb0[0]] += sum;
+      if (rpb_lanes != nullptr) {  // dsv is 0 at masked slots
+        float* bias = rpb_lanes + (t.bias_row[n / K2] + n % K2) * kLanes;
+        if (tile.same_rpb) {  // one entry for all lanes: a vector add, no horizontal sum
+          float* b = bias + tile.rpb0[0] * kLanes;
+          Store(b, Load(b) + Select(lane_ok, dsv, Vf{}));
         } else {
-          for (int64_t j = 0; j < tile.lanes; ++j) bias[tile.rpb0[j]] += dsv[j];
+          for (int64_t j = 0; j < tile.lanes; ++j) bias[tile.rpb0[j] * kLanes + j] += dsv[j];
         }
       }
     }
@@ -903,15 +905,19 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
   struct Scratch {
     LaneScratch lanes;
     PlaneTransposed kt, vt;
+    AlignedFloats rpb_lanes;  // [G][RR][kLanes]: the item's rpb gradient by lane
   };
   ForEachScatterItem(s, workers, n_blocks * n_tiles, PaddedDim(s), dk, dv,
                      rpb != nullptr ? drpb : nullptr,
                      [&] {
                        return Scratch{LaneScratch(s, kRowBlock * G),
                                       PlaneTransposed(s, layout, ring, 1, 0),
-                                      PlaneTransposed(s, layout, ring, 1, 1)};
+                                      PlaneTransposed(s, layout, ring, 1, 1),
+                                      AlignedFloats(rpb != nullptr ? G * RR * kLanes : 0)};
                      },
                      [&](Scratch& sc, const ScatterItem& it) {
+    float* const rpb_lanes = it.rpb != nullptr ? sc.rpb_lanes.data() : nullptr;
+    if (rpb_lanes != nullptr) std::fill(rpb_lanes, rpb_lanes + G * RR * kLanes, 0.0f);
     LaneBlock blk;
     int64_t block = -1;
     for (int64_t u = it.tile_begin; u < it.tile_end; ++u) {
@@ -927,10 +933,14 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t i = 0; i < blk.n; ++i) blk.task[i].h = it.hk * G + g;
         LaneBackwardHead(s, blk, sc.kt, sc.vt, q, rpb, dout, lse, delta, scale, g, sc.lanes,
-                         it.rpb != nullptr ? it.rpb + g * RR : nullptr, dq);
+                         rpb_lanes != nullptr ? rpb_lanes + g * RR * kLanes : nullptr, dq);
       }
       // All G heads' and query rows' contributions, one pass over the keys.
       LaneScatter(s, blk, sc.lanes, it);
+    }
+    for (int64_t r = 0; rpb_lanes != nullptr && r < G * RR; ++r) {
+      const Vf sums = Load(rpb_lanes + r * kLanes);
+      for (int j = 0; j < kLanes; ++j) it.rpb[r] += sums[j];
     }
   });
 }
