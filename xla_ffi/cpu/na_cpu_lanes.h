@@ -403,6 +403,15 @@ struct LaneScratch {
   }
 };
 
+// The lanes' rpb at slot n of key row r of the tile's windows (rpb_h: this head's rpb).
+inline Vf SlotBias(const LaneTask& t, const float* rpb_h, int64_t r, int64_t n) {
+  const LaneTile& tile = *t.tile;
+  if (tile.same_rpb) return Set1(rpb_h[t.bias_row[r] + tile.rpb0[0] + n]);
+  Vf bias;
+  for (int j = 0; j < kLanes; ++j) bias[j] = rpb_h[t.bias_row[r] + tile.rpb0[j] + n];
+  return bias;
+}
+
 // Adds this head's rpb to the logits of every slot and sets masked slots to -inf; returns
 // the lanes' maxima. logit: [n_rows * K2][kLanes].
 inline Vf FinishLogits(const NaGeometry& s, const LaneTask& t, const float* rpb_h, float* logit) {
@@ -415,13 +424,7 @@ inline Vf FinishLogits(const NaGeometry& s, const LaneTask& t, const float* rpb_
     for (int64_t n = 0; n < K2; ++n) {
       float* x = logit + (r * K2 + n) * kLanes;
       Vf v = Load(x);
-      if (rpb_h != nullptr && tile.same_rpb) {
-        v += Set1(rpb_h[t.bias_row[r] + tile.rpb0[0] + n]);
-      } else if (rpb_h != nullptr) {
-        Vf bias;
-        for (int j = 0; j < kLanes; ++j) bias[j] = rpb_h[t.bias_row[r] + tile.rpb0[j] + n];
-        v += bias;
-      }
+      if (rpb_h != nullptr) v += SlotBias(t, rpb_h, r, n);
       if (!tile.full) v = Select(count > Set1I(static_cast<int32_t>(n)), v, neg_inf);
       Store(x, v);
       m = Max(m, v);
@@ -680,23 +683,28 @@ inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const Pl
   for (int j = 0; j < kLanes; ++j) lane_ok[j] = j < tile.lanes ? -1 : 0;
   for (int64_t i = 0; i < blk.n; ++i) {
     const LaneTask& t = blk.task[i];
-    FinishLogits(s, t, rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr, p[i]);
+    const float* rpb_h = rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr;
     const Vf lse_v = LaneStat(s, t, lse);
     const Vf delta_v = LaneStat(s, t, delta);
-    for (int64_t n = 0; n < t.n_rows * K2; ++n) {
-      // Masked slots hold -inf logits: p = 0 there, and ds = 0 whatever dp holds.
-      const Vi valid = count > Set1I(static_cast<int32_t>(n % K2));
-      const Vf pv = Select(valid, Exp(Load(p[i] + n * kLanes) - lse_v), Vf{});
-      const Vf dsv = Select(valid, pv * (Load(dp[i] + n * kLanes) - delta_v), Vf{});
-      Store(p[i] + n * kLanes, pv);
-      Store(ds[i] + n * kLanes, Set1(scale) * dsv);
-      if (rpb_lanes != nullptr) {  // dsv is 0 at masked slots
-        float* bias = rpb_lanes + (t.bias_row[n / K2] + n % K2) * kLanes;
-        if (tile.same_rpb) {  // one entry for all lanes: a vector add, no horizontal sum
-          float* b = bias + tile.rpb0[0] * kLanes;
-          Store(b, Load(b) + Select(lane_ok, dsv, Vf{}));
-        } else {
-          for (int64_t j = 0; j < tile.lanes; ++j) bias[tile.rpb0[j] * kLanes + j] += dsv[j];
+    for (int64_t r = 0; r < t.n_rows; ++r) {
+      for (int64_t n = 0; n < K2; ++n) {
+        const int64_t at = (r * K2 + n) * kLanes;
+        Vf logit = Load(p[i] + at);
+        if (rpb_h != nullptr) logit += SlotBias(t, rpb_h, r, n);
+        // p = 0 at masked slots, and ds = 0 whatever dp holds.
+        const Vi valid = count > Set1I(static_cast<int32_t>(n));
+        const Vf pv = Select(valid, Exp(logit - lse_v), Vf{});
+        const Vf dsv = Select(valid, pv * (Load(dp[i] + at) - delta_v), Vf{});
+        Store(p[i] + at, pv);
+        Store(ds[i] + at, Set1(scale) * dsv);
+        if (rpb_lanes != nullptr) {
+          float* bias = rpb_lanes + (t.bias_row[r] + n) * kLanes;
+          if (tile.same_rpb) {  // one entry for all lanes: a vector add, no horizontal sum
+            float* b = bias + tile.rpb0[0] * kLanes;
+            Store(b, Load(b) + Select(lane_ok, dsv, Vf{}));
+          } else {
+            for (int64_t j = 0; j < tile.lanes; ++j) bias[tile.rpb0[j] * kLanes + j] += dsv[j];
+          }
         }
       }
     }
