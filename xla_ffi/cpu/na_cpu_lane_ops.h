@@ -23,6 +23,10 @@ inline void StoreTransposed(const float* src, int64_t src_stride, int64_t n, int
       }
     }
     Transpose(r);
+    if (nd == kLanes && width == kLanes) {  // a loop of known length: r is not spilled
+      for (int i = 0; i < kLanes; ++i) StoreU(dst + (d0 + i) * dst_stride, sv * r[i]);
+      continue;
+    }
     for (int64_t i = 0; i < nd; ++i) {
       float* out = dst + (d0 + i) * dst_stride;
       if (width == kLanes) {
