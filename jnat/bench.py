@@ -6,7 +6,9 @@ Usage::
     python -m jnat.bench --suite gpu          # GPU suite (NAT-Tiny stages, DiNAT, large cases)
 
 Each row times one implementation on one case: forward, backward alone (from saved
-residuals) and forward+backward, as medians. Compared on the same tokens: jnat's compiled
+residuals) and forward+backward, as medians, and the backward's time over the forward's
+paired within each round (the median of those ratios: a shared machine's speed drifts
+between rounds more than between the two timings of one). Compared on the same tokens: jnat's compiled
 backend, its pure-JAX ``tiled`` backend (dense matmuls over query tiles), its ``xla``
 reference backend, dense ``jax.nn.dot_product_attention`` (cuDNN on GPU)
 and, on GPU when torch and natten are installed, NATTEN itself. Rates count in-window FLOPs
@@ -353,6 +355,8 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
         continue
       fwd_ms, bwd_ms, both_ms = (statistics.median(t) for t in zip(*runs))
       row = dict(case=case.name, impl=name, fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_bwd_ms=both_ms,
+                 bwd_per_fwd=statistics.median(b / f for f, b, _ in runs),
+                 rounds_ms=[list(t) for t in runs],
                  fwd_tflops=case.forward_flops / (fwd_ms * 1e9),
                  bwd_tflops=2.5 * case.forward_flops / (bwd_ms * 1e9),
                  **case_peaks, compute_floor_ms=case.forward_flops / (case_peak * 1e9))
@@ -360,7 +364,8 @@ def run(suite: str, repeats: int, log=print, only=None, save=None, rounds=1):
         row["memory_floor_ms"] = case.io_bytes / (peaks["copy_gbs"] * 1e6)
       rows.append(row)
       log(f"{case.name:<44} {name:<14} fwd {fwd_ms:9.3f} ms  bwd {bwd_ms:9.3f} ms  "
-          f"fwd+bwd {both_ms:9.3f} ms  fwd {row['fwd_tflops']:8.3f} TFLOP/s")
+          f"fwd+bwd {both_ms:9.3f} ms  fwd {row['fwd_tflops']:8.3f} TFLOP/s  "
+          f"bwd/fwd {row['bwd_per_fwd']:.2f}")
       if save:
         save(result)
   return result
@@ -423,23 +428,25 @@ def markdown(result) -> str:
            f"{cpu_text}), jax {result['jax']}; peaks from the same run: {peak_text}; medians of "
            f"{result['repeats']} calls (fewer where they would take over 10 s)"
            f"{rounds_text}.", ""]
-  header = ["case", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", f"fwd {unit}",
-            "fwd % of matmul", f"bwd {unit}", "fwd+bwd × vs dense"]
+  header = ["case", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", "bwd / fwd (paired)",
+            f"fwd {unit}", "fwd % of matmul", f"bwd {unit}", "fwd+bwd × vs dense"]
   if path_width:
-    header.insert(7, "fwd % of path-width matmul")
+    header.insert(8, "fwd % of path-width matmul")
   if gpu:
     header += ["fwd memory floor ms", "fwd compute floor ms"]
   lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * 2 + " ---: |" * (len(header) - 2)]
   for r in result["rows"]:
     base = dense.get(r["case"])
     cells = [r["case"], r["impl"], f"{r['fwd_ms']:.3f}", f"{r['bwd_ms']:.3f}",
-             f"{r['fwd_bwd_ms']:.3f}", f"{scale * r['fwd_tflops']:.1f}",
+             f"{r['fwd_bwd_ms']:.3f}",
+             f"{r['bwd_per_fwd']:.2f}" if "bwd_per_fwd" in r else "–",
+             f"{scale * r['fwd_tflops']:.1f}",
              f"{100 * r['fwd_tflops'] / r['matmul_tflops']:.1f}",
              f"{scale * r['bwd_tflops']:.1f}",
              f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}" if base else "–"]
     if path_width:  # only the kernels run at their path's width; XLA's code runs at its own
       row_peak = r.get("path_width_matmul_tflops")  # absent where no pin applies
-      cells.insert(7, f"{100 * r['fwd_tflops'] / row_peak:.1f}"
+      cells.insert(8, f"{100 * r['fwd_tflops'] / row_peak:.1f}"
                    if row_peak and r["impl"] == "jnat cpu" else "–")
     if gpu:
       cells += [f"{r['memory_floor_ms']:.3f}", f"{r['compute_floor_ms']:.3f}"]

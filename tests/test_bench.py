@@ -79,6 +79,21 @@ def test_bench_rounds_interleave_and_take_medians(monkeypatch):
   assert (dense["impl"], dense["fwd_ms"], dense["bwd_ms"]) == ("dense xla", 4, 8.0)  # 2, 4, 6
 
 
+def test_bench_pairs_each_backward_with_its_rounds_forward(monkeypatch):
+  """bwd / fwd is the median of each round's own ratio, not the ratio of the medians."""
+  monkeypatch.setattr(bench, "CPU_CASES", (bench.Case("tiny 1D", (40,), 1, 2, 8, (5,)),))
+  rounds = iter([(1.0, 3.0, 5.0), (4.0, 8.0, 5.0), (2.0, 2.0, 5.0)])  # ratios 3, 2, 1
+  monkeypatch.setattr(bench, "_timings", lambda forward, args, dout, repeats: next(rounds))
+  monkeypatch.setattr(bench, "matmul_tflops", lambda n, dtype, repeats: 0.4)
+  result = bench.run("cpu", 1, log=lambda *_: None, only=["jnat xla"], rounds=3)
+  row, = result["rows"]
+  assert (row["fwd_ms"], row["bwd_ms"], row["bwd_per_fwd"]) == (2.0, 3.0, 2.0)
+  assert row["rounds_ms"] == [[1.0, 3.0, 5.0], [4.0, 8.0, 5.0], [2.0, 2.0, 5.0]]
+  table = bench.markdown(result).splitlines()
+  header = [c.strip() for c in table[2].strip("|").split("|")]
+  assert table[4].strip("|").split("|")[header.index("bwd / fwd (paired)")].strip() == "2.00"
+
+
 def test_bench_times_only_the_named_implementations(monkeypatch, tmp_path):
   monkeypatch.setattr(bench, "CPU_CASES", (bench.Case("tiny 2D", (10, 12), 1, 2, 8, (3, 5)),))
   out = tmp_path / "not yet made" / "results.json"  # the folder is made for the results
