@@ -109,6 +109,24 @@ def test_fully_masked_window(backend, extra_tokens):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_large_rpb_keeps_every_gradient(backend):
+  """A bias of 95 on every rpb entry leaves the softmax unchanged but takes exp(bias) past
+  float32's range: the padding lanes of a partial tile of queries (zero q and dout rows) must
+  still add nothing to the rpb gradient, which the CPU kernels sum by lane (13 causal tokens:
+  no tile width divides them, and the last tile's lanes share one rpb offset)."""
+  c = dict(rank=1, batch=1, spatial=(13,), kernel_size=(5,), stride=(1,), dilation=(1,),
+           is_causal=(True,), heads=2, kv_heads=2, dim=8, rpb=True, extra_tokens=0,
+           dtype="float32", seed=3)
+  q, k, v, rpb, ak, av = config_inputs(c)
+  inputs = (q, k, v, rpb + 95.0, ak, av)
+  out, lse, grads = fused_with_grads(c, backend, inputs)
+  ref_out, ref_lse, ref_grads = fused_with_grads(c, "xla", config_inputs(c))
+  assert_close(out, ref_out, "float32", "out")
+  for name, g, r in zip(grad_names(inputs), grads, ref_grads, strict=True):
+    assert_close(g, r, "float32", name)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("empty", ["batch", "heads"])
 def test_empty_batch_or_heads(backend, empty):
   c = dict(rank=2, batch=0 if empty == "batch" else 1, spatial=(5, 6), kernel_size=(3, 3),

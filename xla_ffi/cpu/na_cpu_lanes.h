@@ -679,8 +679,6 @@ inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const Pl
   BlockDots(s, blk, kt, xt, p);
   BlockDots(s, blk, vt, yt, dp);
   const Vi count = LoadI(tile.count);
-  Vi lane_ok;  // the tile's lanes, not its padding
-  for (int j = 0; j < kLanes; ++j) lane_ok[j] = j < tile.lanes ? -1 : 0;
   for (int64_t i = 0; i < blk.n; ++i) {
     const LaneTask& t = blk.task[i];
     const float* rpb_h = rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr;
@@ -699,9 +697,11 @@ inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const Pl
         Store(ds[i] + at, Set1(scale) * dsv);
         if (rpb_lanes != nullptr) {
           float* bias = rpb_lanes + (t.bias_row[r] + n) * kLanes;
-          if (tile.same_rpb) {  // one entry for all lanes: a vector add, no horizontal sum
+          // One entry for all lanes: a vector add, no horizontal sum. Padding lanes add 0:
+          // their q and dout rows are zeros (dp = delta = 0) and Exp is finite.
+          if (tile.same_rpb) {
             float* b = bias + tile.rpb0[0] * kLanes;
-            Store(b, Load(b) + Select(lane_ok, dsv, Vf{}));
+            Store(b, Load(b) + dsv);
           } else {
             for (int64_t j = 0; j < tile.lanes; ++j) bias[tile.rpb0[j] * kLanes + j] += dsv[j];
           }
