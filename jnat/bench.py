@@ -10,8 +10,8 @@ residuals) and forward+backward, as medians, and the backward's time over the fo
 paired within each round (the median of those ratios: a shared machine's speed drifts
 between rounds more than between the two timings of one). Compared on the same tokens:
 jnat's compiled backend, its pure-JAX ``tiled`` backend (dense matmuls over query tiles), its
-``xla`` reference backend, dense ``jax.nn.dot_product_attention`` (cuDNN on GPU) and, on GPU when torch and natten are installed, NATTEN itself. Rates count in-window FLOPs
-only: 4·B·N·H·|window|·D for the forward and 2.5× that for the backward (five of the seven
+``xla`` reference backend, dense ``jax.nn.dot_product_attention`` (cuDNN on GPU) and, on GPU
+when torch and natten are installed, NATTEN itself. Rates count in-window FLOPs only: 4·B·N·H·|window|·D for the forward and 2.5× that for the backward (five of the seven
 window matmuls). Peaks measured in the same run: a float32 2048² matmul on CPU; a bfloat16
 8192² matmul and a copy's bandwidth on GPU. The matmul (and the path-width matmul below) is
 timed again in every round of every case, and each row's shares are of its own case's rounds.
