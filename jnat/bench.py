@@ -5,18 +5,18 @@ Usage::
     python -m jnat.bench                      # CPU suite
     python -m jnat.bench --suite gpu          # GPU suite (NAT-Tiny stages, DiNAT, large cases)
 
-Each row times one implementation on one case: forward, backward alone (from saved
-residuals) and forward+backward, as medians, and the backward's time over the forward's
-paired within each round (the median of those ratios: a shared machine's speed drifts
-between rounds more than between the two timings of one). Compared on the same tokens:
-jnat's compiled backend, its pure-JAX ``tiled`` backend (dense matmuls over query tiles), its
-``xla`` reference backend, dense ``jax.nn.dot_product_attention`` (cuDNN on GPU) and, on GPU
-when torch and natten are installed, NATTEN itself. Rates count in-window FLOPs only: 4·B·N·H·|window|·D for the forward and 2.5× that for the backward (five of the seven
-window matmuls). Peaks measured in the same run: a float32 2048² matmul on CPU; a bfloat16
-8192² matmul and a copy's bandwidth on GPU. The matmul (and the path-width matmul below) is
-timed again in every round of every case, and each row's shares are of its own case's rounds.
-They give the compute floor (in-window FLOPs at the matmul rate) and the memory floor (q, k, v
-read and out written once at the copy bandwidth).
+Each row times one implementation on one case: forward, backward alone (from saved residuals)
+and forward+backward, as medians, and the backward's time over the forward's paired within each
+round (the median of those ratios: a shared machine's speed drifts between rounds more than
+between the two timings of one). Compared on the same tokens: jnat's compiled backend, its
+pure-JAX ``tiled`` backend (dense matmuls over query tiles), its ``xla`` reference backend,
+dense ``jax.nn.dot_product_attention`` (cuDNN on GPU) and, on GPU when torch and natten are
+installed, NATTEN itself. Rates count in-window FLOPs only: 4·B·N·H·|window|·D for the forward
+and 2.5× that for the backward (five of the seven window matmuls). Peaks measured in the same
+run: a float32 2048² matmul on CPU; a bfloat16 8192² matmul and a copy's bandwidth on GPU. The
+matmul (and the path-width matmul below) is timed again in every round of every case, and each
+row's shares are of its own case's rounds. They give the compute floor (in-window FLOPs at the
+matmul rate) and the memory floor (q, k, v read and out written once at the copy bandwidth).
 
 XLA's CPU matmul uses the widest vectors the CPU has, whichever instruction set the jnat
 kernels were told to use (``JNAT_CPU_ISA``). So when the cpu backend is benchmarked on x86-64,
