@@ -58,8 +58,11 @@ def test_cpu_info_reports_the_machine():
   assert info["baseline"] in ("sse2", "neon")
   if "avx512f" in _cpuinfo_flags():
     assert "avx512" in info["supported"]
-  if "cpu family" in _cpuinfo_flags():  # x86 Linux: the generation, not just the brand
-    assert "family" in info["model"] and "model" in info["model"]
+  fields = dict(line.split(":", 1) for line in reversed(_cpuinfo_flags().splitlines())
+                if ":" in line)  # reversed: the first processor's values win
+  fields = {key.strip(): value.strip() for key, value in fields.items()}
+  if "cpu family" in fields:  # x86 Linux: the generation, not just the brand
+    assert info["model"].endswith(f"(family {fields['cpu family']}, model {fields['model']})")
   # The L2 size the forward sizes its working set by: what the operating system reports.
   getconf = shutil.which("getconf")
   reported = subprocess.run([getconf, "LEVEL2_CACHE_SIZE"], capture_output=True,
