@@ -946,9 +946,8 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
       // All G heads' and query rows' contributions, one pass over the keys.
       LaneScatter(s, blk, sc.lanes, it);
     }
-    for (int64_t r = 0; rpb_lanes != nullptr && r < G * RR; ++r) {
-      const Vf sums = Load(rpb_lanes + r * kLanes);
-      for (int j = 0; j < kLanes; ++j) it.rpb[r] += sums[j];
+    if (rpb_lanes != nullptr) {
+      for (int64_t r = 0; r < G * RR; ++r) it.rpb[r] += ReduceAdd(Load(rpb_lanes + r * kLanes));
     }
   });
 }
