@@ -38,16 +38,19 @@ struct LaneTile {
   alignas(64) int32_t rel[kLanes];  // lane's window start - start0, in [0, kLanes)
   alignas(64) int32_t count[kLanes];  // valid slots along the last axis (< K: causal)
   alignas(64) int32_t rpb0[kLanes];   // rpb index of slot 0 along the last axis
+  alignas(64) int32_t rpb_shift[kLanes];  // rpb0 - rpb_lo
   int64_t group = 0;   // dilation group along the last axis
   int64_t first = 0;   // group index of lane 0's query
   int64_t lanes = 0;   // valid lanes; the rest repeat the last one
   int64_t start0 = 0;  // group index of lane 0's window start
   int64_t span = 0;    // columns touched from start0: rel + count of the last lane
+  int32_t rpb_lo = 0;    // the valid lanes' smallest rpb0
+  int32_t rpb_span = 0;  // their largest rpb0 - rpb_lo + 1, at most kLanes (1: one bias per slot
+                         // for all lanes)
   bool shifted = false;  // rel[j] == j for every lane: no permute needed
   bool full = false;     // every valid lane sees all K slots: no mask needed
   bool aligned = false;  // shifted, and start0 falls on a 64-byte boundary of the transposed
                          // rows (set by ColumnLayout)
-  bool same_rpb = false;  // every valid lane has the same rpb0: one bias per slot for all lanes
 };
 
 inline std::vector<LaneTile> LaneTilesOfRow(const NaGeometry& s) {
@@ -72,17 +75,21 @@ inline std::vector<LaneTile> LaneTilesOfRow(const NaGeometry& s) {
         t.rpb0[j] = static_cast<int32_t>(RpbIndex(start, ig + j, K));
       }
       t.lanes = j;
-      t.shifted = t.full = t.same_rpb = true;
+      t.shifted = t.full = true;
       for (int64_t i = 0; i < t.lanes; ++i) {
         t.shifted = t.shifted && t.rel[i] == i;
         t.full = t.full && t.count[i] == K;
-        t.same_rpb = t.same_rpb && t.rpb0[i] == t.rpb0[0];
       }
       for (; j < kLanes; ++j) {
         t.rel[j] = t.shifted ? static_cast<int32_t>(j) : t.rel[j - 1];
         t.count[j] = t.count[j - 1];
         t.rpb0[j] = t.rpb0[j - 1];
       }
+      // rpb0[j] = rel[j] - j + a constant, and rel and j each grow by less than kLanes across a
+      // tile: the lanes' rpb0 lie within kLanes of each other.
+      t.rpb_lo = *std::min_element(t.rpb0, t.rpb0 + kLanes);
+      t.rpb_span = *std::max_element(t.rpb0, t.rpb0 + kLanes) - t.rpb_lo + 1;
+      for (j = 0; j < kLanes; ++j) t.rpb_shift[j] = t.rpb0[j] - t.rpb_lo;
       t.span = t.rel[t.lanes - 1] + t.count[t.lanes - 1];
       tiles.push_back(t);
       ig += t.lanes;
@@ -403,13 +410,38 @@ struct LaneScratch {
   }
 };
 
-// The lanes' rpb at slot n of key row r of the tile's windows (rpb_h: this head's rpb).
+// rpb ([H][RR]) followed by kLanes zeros, so that SlotBias may load a whole vector from any
+// entry; empty without rpb.
+inline std::vector<float> PaddedRpb(const NaGeometry& s, const float* rpb) {
+  if (rpb == nullptr) return {};
+  std::vector<float> padded(s.heads * s.rpb_size() + kLanes, 0.0f);
+  std::copy(rpb, rpb + s.heads * s.rpb_size(), padded.begin());
+  return padded;
+}
+
+// The lanes' rpb at slot n of key row r of the tile's windows (rpb_h: this head's rpb, from
+// PaddedRpb): lane j's is entry rpb_shift[j] of `row`. Where the lanes' windows differ (a tile
+// at an edge, or strides), one load and a permute instead of a gather.
 inline Vf SlotBias(const LaneTask& t, const float* rpb_h, int64_t r, int64_t n) {
   const LaneTile& tile = *t.tile;
-  if (tile.same_rpb) return Set1(rpb_h[t.bias_row[r] + tile.rpb0[0] + n]);
-  Vf bias;
-  for (int j = 0; j < kLanes; ++j) bias[j] = rpb_h[t.bias_row[r] + tile.rpb0[j] + n];
-  return bias;
+  const float* row = rpb_h + t.bias_row[r] + n + tile.rpb_lo;
+  return tile.rpb_span == 1 ? Set1(*row) : Permute(LoadU(row), LoadI(tile.rpb_shift));
+}
+
+// Adds the lanes' rpb gradient ds at slot n of key row r to the lane sums rpb_lanes ([RR]
+// [kLanes]: each lane sums into its own column, one entry per row), where SlotBias read it.
+inline void AddSlotBiasGrad(const LaneTask& t, float* rpb_lanes, int64_t r, int64_t n, Vf ds) {
+  const LaneTile& tile = *t.tile;
+  float* row = rpb_lanes + (t.bias_row[r] + n + tile.rpb_lo) * kLanes;
+  if (tile.rpb_span == 1) {
+    Store(row, Load(row) + ds);
+    return;
+  }
+  const Vi shift = LoadI(tile.rpb_shift);
+  for (int32_t o = 0; o < tile.rpb_span; ++o) {  // one masked vector add per distinct entry
+    float* x = row + o * kLanes;
+    Store(x, Load(x) + Select(shift == Set1I(o), ds, Vf{}));
+  }
 }
 
 // Adds this head's rpb to the logits of every slot and sets masked slots to -inf; returns
@@ -565,6 +597,8 @@ inline int64_t HeadsBytes() {
 inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const float* q,
                              const float* k, const float* v, const float* rpb, float scale,
                              float* out, float* lse) {
+  const std::vector<float> rpb_padded = PaddedRpb(s, rpb);
+  if (rpb != nullptr) rpb = rpb_padded.data();
   std::vector<LaneTile> tiles = LaneTilesOfRow(s);
   const ColumnLayout layout(s, tiles);
   const std::vector<int64_t> row_order = BlockedRowOrder(s);
@@ -695,17 +729,9 @@ inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const Pl
         const Vf dsv = Select(valid, pv * (Load(dp[i] + at) - delta_v), Vf{});
         Store(p[i] + at, pv);
         Store(ds[i] + at, Set1(scale) * dsv);
-        if (rpb_lanes != nullptr) {
-          float* bias = rpb_lanes + (t.bias_row[r] + n) * kLanes;
-          // One entry for all lanes: a vector add, no horizontal sum. Padding lanes add 0:
-          // their q and dout rows are zeros (dp = delta = 0) and Exp is finite.
-          if (tile.same_rpb) {
-            float* b = bias + tile.rpb0[0] * kLanes;
-            Store(b, Load(b) + dsv);
-          } else {
-            for (int64_t j = 0; j < tile.lanes; ++j) bias[tile.rpb0[j] * kLanes + j] += dsv[j];
-          }
-        }
+        // Padding lanes add 0: their q and dout rows are zeros (dp = delta = 0) and Exp is
+        // finite.
+        if (rpb_lanes != nullptr) AddSlotBiasGrad(t, rpb_lanes, r, n, dsv);
       }
     }
   }
@@ -903,6 +929,8 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
                               const float* k, const float* v, const float* rpb,
                               const float* dout, const float* lse, const float* delta,
                               float scale, float* dq, float* dk, float* dv, float* drpb) {
+  const std::vector<float> rpb_padded = PaddedRpb(s, rpb);
+  if (rpb != nullptr) rpb = rpb_padded.data();
   std::vector<LaneTile> tiles = LaneTilesOfRow(s);
   const ColumnLayout layout(s, tiles);
   const std::vector<int64_t> row_order = BlockedRowOrder(s);
