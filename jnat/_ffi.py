@@ -61,6 +61,7 @@ _REPLICATED = ("x", "y", "z", "d", "i", "j", "l", "n", "e")
 _TARGETS = {
     "jnat_na_fwd": (("Q", "KV", "KV", "R"), ("Q", "L")),
     "jnat_na_bwd": (("Q", "KV", "KV", "R", "Q", "L", "L"), ("Q", "KV", "KV", "R")),
+    "jnat_na_bwd_dlse": (("Q", "KV", "KV", "R", "Q", "L", "L"), ("Q", "KV", "KV", "R")),
     "jnat_na_qk": (("Q", "KV", "R"), ("A",)),
     "jnat_na_qk_bwd": (("Q", "KV", "R", "A"), ("Q", "KV", "R")),
     "jnat_na_av": (("A", "KV"), ("Q",)),
@@ -316,10 +317,15 @@ def _fused_kernel_fwd(static, q, k, v, rpb):
 
 def _fused_kernel_bwd(static, q, k, v, rpb, out, lse, cotangents):
   dout, dlse = cotangents
-  delta = reference.softmax_delta(dout, out, dlse)
+  dout = dout.astype(q.dtype)
   # exp(logit - lse) is 0 for every slot of a fully masked window when its lse is +inf.
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-  return _call("jnat_na_bwd", static, q, k, v, rpb, dout.astype(q.dtype), lse, delta)
+  call = lambda target, row_term: _call(target, static, q, k, v, rpb, dout, lse, row_term)
+  # The CPU kernels sum the softmax row term rowsum(dout * out) as rowsum(p * dp) from what
+  # they hold anyway, and take only dlse: no pass over dout and out before the call.
+  return jax.lax.platform_dependent(
+      cpu=lambda: call("jnat_na_bwd_dlse", dlse),
+      default=lambda: call("jnat_na_bwd", reference.softmax_delta(dout, out, dlse)))
 
 
 def _fused_reference(static):

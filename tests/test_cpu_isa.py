@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
+from jnat import _ffi, reference
+from jnat._checks import Neighborhood
 from jnat.cpu_info import cpu_info
-from na_testing import (BUCKETS, COMPILED_BACKENDS, GOLDEN, WEIGHT_CASES, bucket_config,
-                        check_fused_against_natten, check_fused_against_reference,
-                        check_unfused_against_natten, check_unfused_against_reference,
-                        random_inputs)
+from na_testing import (BUCKETS, COMPILED_BACKENDS, GOLDEN, WEIGHT_CASES, assert_close,
+                        bucket_config, check_fused_against_natten,
+                        check_fused_against_reference, check_unfused_against_natten,
+                        check_unfused_against_reference, random_inputs)
 from na_testing import EXAMPLES, MASKS, SEEDS, SETTINGS
 
 pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS, reason="no CPU kernels built")
@@ -107,6 +109,27 @@ def test_fused_matches_reference(isa, bucket, seed, mask):
 @given(seed=SEEDS)
 def test_unfused_matches_reference(isa, bucket, seed):
   check_unfused_against_reference(bucket_config(bucket, seed, mask=1), "cpu")
+
+
+def test_both_backward_targets_match_the_reference(isa):
+  """The CPU serves the backward twice: jnat_na_bwd takes the softmax row term delta (the
+  contract every backend shares), jnat_na_bwd_dlse (what jnat's CPU lowering calls) sums
+  rowsum(dout * out) itself and takes only dlse. Both against the reference's vjp, with a
+  non-zero dlse, rpb, GQA, strides, dilation and a causal axis."""
+  nbhd = Neighborhood((5, 3, 3), (1, 2, 1), (1, 1, 2), (False, False, True))
+  q, k, v, rpb, _, _ = random_inputs(5, 2, (9, 7, 8), 4, 2, 16, rpb_shape=(9, 5, 5))
+  static, scale = (nbhd, 0.25), 0.25
+  out, lse = _ffi._call("jnat_na_fwd", static, q, k, v, rpb)
+  rng = np.random.default_rng(6)
+  dout = jnp.asarray(rng.standard_normal(out.shape, np.float32))
+  dlse = jnp.asarray(rng.standard_normal(lse.shape, np.float32))
+  forward = lambda q, k, v, rpb: reference.na_forward(q, k, v, nbhd, scale, rpb)
+  want = jax.vjp(forward, q, k, v, rpb)[1]((dout, dlse))
+  delta = reference.softmax_delta(dout, out, dlse)
+  for target, row_term in (("jnat_na_bwd", delta), ("jnat_na_bwd_dlse", dlse)):
+    got = _ffi._call(target, static, q, k, v, rpb, dout, lse, row_term)
+    for name, g, w in zip(("dq", "dk", "dv", "drpb"), got, want, strict=True):
+      assert_close(g, w, "float32", name)
 
 
 @jax.jit

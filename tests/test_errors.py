@@ -9,8 +9,9 @@ import pytest
 
 import jnat
 from jnat import _ffi
-from na_testing import (COMPILED_BACKENDS, FWD_VALIDATION_CASES, assert_fwd_handler_rejects,
-                        assert_fwd_handler_rejects_wrong_output_shape)
+from na_testing import (COMPILED_BACKENDS, FWD_VALIDATION_CASES, Q6_SHAPE,
+                        assert_fwd_handler_rejects,
+                        assert_fwd_handler_rejects_wrong_output_shape, direct_call)
 
 Q = jnp.zeros((1, 8, 9, 2, 4))
 
@@ -123,3 +124,17 @@ def test_handler_validates_directly(attrs, inputs, match):
 @pytest.mark.skipif("cpu" not in COMPILED_BACKENDS, reason="CPU kernels not built")
 def test_handler_rejects_wrong_output_shape():
   assert_fwd_handler_rejects_wrong_output_shape()
+
+
+@pytest.mark.skipif("cpu" not in COMPILED_BACKENDS, reason="CPU kernels not built")
+@pytest.mark.parametrize("target, name", [("jnat_na_bwd", "delta"), ("jnat_na_bwd_dlse", "dlse")])
+def test_backward_handlers_name_their_row_term(target, name):
+  """A row-term operand of the wrong shape: the error names the target and the operand."""
+  q, stat = jnp.ones(Q6_SHAPE), jnp.zeros(Q6_SHAPE[:-1])
+  results = [jax.ShapeDtypeStruct(Q6_SHAPE, jnp.float32)] * 3 + [
+      jax.ShapeDtypeStruct((0,), jnp.float32)]
+  args = (q, q, q, jnp.zeros((0,), jnp.float32), q, stat)
+  jax.block_until_ready(direct_call(target, results, *args, stat, scale=np.float32(0.5)))
+  with pytest.raises(Exception, match=f"(?s)INVALID_ARGUMENT.*{target}.*{name}"):
+    jax.block_until_ready(direct_call(target, results, *args, stat[..., :1],
+                                      scale=np.float32(0.5)))

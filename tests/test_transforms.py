@@ -150,6 +150,16 @@ def test_backend_follows_the_lowering_platform():
 
 
 @NEEDS_CPU_KERNELS
+def test_cpu_backward_takes_dlse_not_the_row_term():
+  """On CPU the backward kernel sums rowsum(dout * out) itself (jnat_na_bwd_dlse); other
+  platforms get jnat_na_bwd and the row term computed before the call."""
+  q, k, v, *_ = _inputs()
+  loss = lambda q, k, v: jnp.sum(jnp.sin(jnat.na2d(q, k, v, backend="cpu", **KW)))
+  hlo = _lowered(jax.grad(loss, argnums=(0, 1, 2)), "cpu", q, k, v)
+  assert "custom_call @jnat_na_bwd_dlse(" in hlo and "custom_call @jnat_na_bwd(" not in hlo
+
+
+@NEEDS_CPU_KERNELS
 def test_explicit_backend_under_jit_ignores_default_backend(monkeypatch):
   """On a GPU host, a CPU-placed jit with backend="cpu" runs the CPU kernels: the choice
   must not consult jax.default_backend() (simulated here)."""

@@ -45,7 +45,7 @@ auto BindNaBwd(Binding b) {
                              .template Arg<ffi::AnyBuffer>()   // rpb
                              .template Arg<ffi::AnyBuffer>()   // dout
                              .template Arg<ffi::AnyBuffer>()   // lse
-                             .template Arg<ffi::AnyBuffer>()   // delta
+                             .template Arg<ffi::AnyBuffer>()   // delta (jnat_na_bwd_dlse: dlse)
                              .template Ret<ffi::AnyBuffer>()   // dq
                              .template Ret<ffi::AnyBuffer>()   // dk
                              .template Ret<ffi::AnyBuffer>()   // dv

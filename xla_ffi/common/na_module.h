@@ -3,7 +3,9 @@
 //
 // Every backend serves the same six targets (jnat lowers an op to the same custom call
 // whatever the platform), so the target names are spelled here once and a module only says
-// which of its handler symbols serves each.
+// which of its handler symbols serves each. The CPU module serves a seventh, the backward that
+// sums the softmax row term itself and takes dlse in delta's place (cpu/na_cpu_isa.h RowTerm):
+// jnat's CPU lowering calls it instead of jnat_na_bwd.
 #pragma once
 
 #include <nanobind/nanobind.h>
@@ -19,6 +21,7 @@ struct NaHandlers {
   XLA_FFI_Handler* qk_bwd;
   XLA_FFI_Handler* av;
   XLA_FFI_Handler* av_bwd;
+  XLA_FFI_Handler* bwd_dlse = nullptr;  // CPU only
 };
 
 inline void DefineRegistrations(nanobind::module_& m, NaHandlers h) {
@@ -33,6 +36,7 @@ inline void DefineRegistrations(nanobind::module_& m, NaHandlers h) {
     d["jnat_na_qk_bwd"] = capsule(h.qk_bwd);
     d["jnat_na_av"] = capsule(h.av);
     d["jnat_na_av_bwd"] = capsule(h.av_bwd);
+    if (h.bwd_dlse != nullptr) d["jnat_na_bwd_dlse"] = capsule(h.bwd_dlse);
     return d;
   });
 }

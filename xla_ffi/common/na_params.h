@@ -276,17 +276,19 @@ inline ffi::Error DecodeNaBwd(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                               const ffi::AnyBuffer& delta, const ffi::AnyBuffer& dq,
                               const ffi::AnyBuffer& dk, const ffi::AnyBuffer& dv,
                               const ffi::AnyBuffer& drpb, const WindowAttrs& w, float scale,
-                              NaParams* p) {
+                              NaParams* p, bool delta_is_dlse = false) {
+  // delta_is_dlse: the CPU's jnat_na_bwd_dlse, whose operand in delta's place is dlse.
   using namespace params_internal;
-  const Checker c("jnat_na_bwd");
+  const Checker c(delta_is_dlse ? "jnat_na_bwd_dlse" : "jnat_na_bwd");
+  const char* const delta_name = delta_is_dlse ? "dlse" : "delta";
   JNAT_PARAMS_CHECK(DecodeQKV(c, q, k, v, w, p));
   JNAT_PARAMS_CHECK(DecodeRpb(c, rpb, p));
   JNAT_PARAMS_CHECK(c.Shape("dout", dout, TokenShape(*p, p->heads, p->dim)));
   JNAT_PARAMS_CHECK(c.Same("dout", dout, "q", q));
   JNAT_PARAMS_CHECK(c.Shape("lse", lse, StatShape(*p)));
   JNAT_PARAMS_CHECK(c.F32("lse", lse));
-  JNAT_PARAMS_CHECK(c.Shape("delta", delta, StatShape(*p)));
-  JNAT_PARAMS_CHECK(c.F32("delta", delta));
+  JNAT_PARAMS_CHECK(c.Shape(delta_name, delta, StatShape(*p)));
+  JNAT_PARAMS_CHECK(c.F32(delta_name, delta));
   JNAT_PARAMS_CHECK(c.Shape("dq", dq, TokenShape(*p, p->heads, p->dim)));
   JNAT_PARAMS_CHECK(c.Same("dq", dq, "q", q));
   JNAT_PARAMS_CHECK(c.Shape("dk", dk, TokenShape(*p, p->kv_heads, p->dim)));

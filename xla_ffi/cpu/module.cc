@@ -30,7 +30,7 @@ std::string ActiveIsaName() {
 
 NB_MODULE(_jnat_cpu, m) {
   jnat::DefineRegistrations(
-      m, {JnatNaFwd, JnatNaBwd, JnatNaQK, JnatNaQKBwd, JnatNaAV, JnatNaAVBwd});
+      m, {JnatNaFwd, JnatNaBwd, JnatNaQK, JnatNaQKBwd, JnatNaAV, JnatNaAVBwd, JnatNaBwdDlse});
   jnat::cpu::SelectIsaFromEnvironment();
   m.def("isa", &ActiveIsaName, "The instruction set the CPU kernels run with.");
   m.def("supported_isas", &SupportedIsaNames,

@@ -100,6 +100,8 @@ ffi::Error NaFwdDispatch(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
   return ffi::Error::Success();
 }
 
+// kDeltaIsDlse: jnat_na_bwd_dlse, which takes dlse in delta's place (RowTerm).
+template <bool kDeltaIsDlse>
 ffi::Error NaBwdDispatch(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer rpb,
                          ffi::AnyBuffer dout, ffi::AnyBuffer lse, ffi::AnyBuffer delta,
                          ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
@@ -108,7 +110,8 @@ ffi::Error NaBwdDispatch(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
                          float scale) {
   NaParams p;
   JNAT_PARAMS_CHECK(DecodeNaBwd(q, k, v, rpb, dout, lse, delta, *dq, *dk, *dv, *drpb,
-                                {kernel_size, stride, dilation, is_causal}, scale, &p));
+                                {kernel_size, stride, dilation, is_causal}, scale, &p,
+                                kDeltaIsDlse));
   const KernelTable* kernels;
   JNAT_PARAMS_CHECK(Kernels(&kernels));
   const PoolWorkers workers(pool);
@@ -116,7 +119,8 @@ ffi::Error NaBwdDispatch(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
   F32Out dqf(workers, *dq), dkf(workers, *dk), dvf(workers, *dv);
   kernels->fused_backward(p, workers, qf.get(), kf.get(), vf.get(), p.rpb_or_null(rpb), dof.get(),
                   static_cast<const float*>(lse.untyped_data()),
-                  static_cast<const float*>(delta.untyped_data()), p.scale, dqf.get(), dkf.get(),
+                  RowTerm{static_cast<const float*>(delta.untyped_data()), kDeltaIsDlse},
+                  p.scale, dqf.get(), dkf.get(),
                   dvf.get(), p.drpb_or_null(*drpb));
   dqf.Commit();
   dkf.Commit();
@@ -200,7 +204,9 @@ namespace ffi = xla::ffi;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaFwd, jnat::cpu::NaFwdDispatch,
                               jnat::BindNaFwd(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaBwd, jnat::cpu::NaBwdDispatch,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaBwd, jnat::cpu::NaBwdDispatch<false>,
+                              jnat::BindNaBwd(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaBwdDlse, jnat::cpu::NaBwdDispatch<true>,
                               jnat::BindNaBwd(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JnatNaQK, jnat::cpu::NaQKDispatch,
                               jnat::BindNaQK(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));

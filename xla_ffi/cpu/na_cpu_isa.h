@@ -17,6 +17,15 @@ namespace jnat::cpu {
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
+// The softmax backward's row term delta = rowsum(dout * out) - dlse, per (token, head): given
+// (jnat_na_bwd: `stat` is delta), or summed by the backward from what it already holds, as
+// rowsum(p * dp) (= dout . out) - dlse (jnat_na_bwd_dlse: `stat` is dlse), which spares a
+// pass over dout and out before the call.
+struct RowTerm {
+  const float* stat;
+  bool stat_is_dlse;
+};
+
 // The six kernels, of one instruction set. Tensor layouts: na_cpu_kernels.h.
 struct KernelTable {
   void (*fused_forward)(const NaGeometry& s, const Workers& workers, const float* q,
@@ -24,7 +33,7 @@ struct KernelTable {
                         float* out, float* lse);
   void (*fused_backward)(const NaGeometry& s, const Workers& workers, const float* q,
                          const float* k, const float* v, const float* rpb, const float* dout,
-                         const float* lse, const float* delta, float scale, float* dq,
+                         const float* lse, RowTerm row_term, float scale, float* dq,
                          float* dk, float* dv, float* drpb);
   void (*qk)(const NaGeometry& s, const Workers& workers, const float* q, const float* k,
              const float* rpb, float* attn);

@@ -684,7 +684,7 @@ inline Vf LaneStat(const NaGeometry& s, const LaneTask& t, const float* x) {
 // each rpb entry's sums by lane, reduced once per item; or nullptr).
 inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const PlaneTransposed& kt,
                              const PlaneTransposed& vt, const float* q, const float* rpb,
-                             const float* dout, const float* lse, const float* delta,
+                             const float* dout, const float* lse, RowTerm row_term,
                              float scale, int64_t g, LaneScratch& sc, float* rpb_lanes,
                              float* dq) {
   const LaneTile& tile = *blk.task[0].tile;
@@ -717,7 +717,7 @@ inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const Pl
     const LaneTask& t = blk.task[i];
     const float* rpb_h = rpb != nullptr ? rpb + t.h * s.rpb_size() : nullptr;
     const Vf lse_v = LaneStat(s, t, lse);
-    const Vf delta_v = LaneStat(s, t, delta);
+    Vf p_dot_dp = {};  // rowsum(p * dp)
     for (int64_t r = 0; r < t.n_rows; ++r) {
       for (int64_t n = 0; n < K2; ++n) {
         const int64_t at = (r * K2 + n) * kLanes;
@@ -726,8 +726,17 @@ inline void LaneBackwardHead(const NaGeometry& s, const LaneBlock& blk, const Pl
         // p = 0 at masked slots, and ds = 0 whatever dp holds.
         const Vi valid = count > Set1I(static_cast<int32_t>(n));
         const Vf pv = Select(valid, Exp(logit - lse_v), Vf{});
-        const Vf dsv = Select(valid, pv * (Load(dp[i] + at) - delta_v), Vf{});
         Store(p[i] + at, pv);
+        p_dot_dp += Select(valid, pv * Load(dp[i] + at), Vf{});
+      }
+    }
+    const Vf stat = LaneStat(s, t, row_term.stat);
+    const Vf delta_v = row_term.stat_is_dlse ? p_dot_dp - stat : stat;
+    for (int64_t r = 0; r < t.n_rows; ++r) {
+      for (int64_t n = 0; n < K2; ++n) {
+        const int64_t at = (r * K2 + n) * kLanes;
+        const Vi valid = count > Set1I(static_cast<int32_t>(n));
+        const Vf dsv = Select(valid, Load(p[i] + at) * (Load(dp[i] + at) - delta_v), Vf{});
         Store(ds[i] + at, Set1(scale) * dsv);
         // Padding lanes add 0: their q and dout rows are zeros (dp = delta = 0) and Exp is
         // finite.
@@ -927,7 +936,7 @@ inline void LaneScatter(const NaGeometry& s, const LaneBlock& blk, const LaneScr
 
 inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const float* q,
                               const float* k, const float* v, const float* rpb,
-                              const float* dout, const float* lse, const float* delta,
+                              const float* dout, const float* lse, RowTerm row_term,
                               float scale, float* dq, float* dk, float* dv, float* drpb) {
   const std::vector<float> rpb_padded = PaddedRpb(s, rpb);
   if (rpb != nullptr) rpb = rpb_padded.data();
@@ -968,7 +977,7 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
       }
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t i = 0; i < blk.n; ++i) blk.task[i].h = it.hk * G + g;
-        LaneBackwardHead(s, blk, sc.kt, sc.vt, q, rpb, dout, lse, delta, scale, g, sc.lanes,
+        LaneBackwardHead(s, blk, sc.kt, sc.vt, q, rpb, dout, lse, row_term, scale, g, sc.lanes,
                          rpb_lanes != nullptr ? rpb_lanes + g * RR * kLanes : nullptr, dq);
       }
       // All G heads' and query rows' contributions, one pass over the keys.
