@@ -26,6 +26,13 @@ std::string ActiveIsaName() {
   return jnat::cpu::IsaName(jnat::cpu::ActiveIsa());
 }
 
+// CMake's JNAT_CPU_AVX512_ON_AVX2 test build: "avx512" runs that path's code on AVX2.
+#if JNAT_ISA_AVX512_ON_AVX2
+constexpr bool kAvx512OnAvx2 = true;
+#else
+constexpr bool kAvx512OnAvx2 = false;
+#endif
+
 }  // namespace
 
 NB_MODULE(_jnat_cpu, m) {
@@ -41,6 +48,7 @@ NB_MODULE(_jnat_cpu, m) {
         "Selects the kernels' instruction set in process (tests); ValueError if unsupported.");
   m.def("l2_cache_bytes", &jnat::cpu::L2CacheBytes,
         "The CPU's per-core L2 cache in bytes as the operating system reports it (0: unknown).");
+  m.attr("avx512_on_avx2") = kAvx512OnAvx2;
   m.def("pool_threads", &jnat::cpu::LastPoolThreads,
         "Threads of XLA's intra-op pool as the last kernel call saw them (0: no call yet).");
 }

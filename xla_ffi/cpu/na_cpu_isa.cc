@@ -26,6 +26,9 @@ bool CpuSupports(Isa isa) {
     // (na_cpu_isa_kernels.cc); these checks include the operating system's support for
     // the wider registers.
     case Isa::kAvx512:
+#if JNAT_ISA_AVX512_ON_AVX2  // a test build: that path's kernels use AVX2 + FMA only
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

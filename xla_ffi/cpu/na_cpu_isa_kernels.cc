@@ -32,7 +32,11 @@
 #if JNAT_ISA_AVX512
 #define JNAT_ISA_NS avx512
 #define JNAT_ISA_TABLE Avx512Kernels
+#if JNAT_ISA_AVX512_ON_AVX2  // the test build of CMake's JNAT_CPU_AVX512_ON_AVX2
+#define JNAT_ISA_TARGET "avx2,fma"
+#else
 #define JNAT_ISA_TARGET "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"
+#endif
 #elif JNAT_ISA_AVX2
 #define JNAT_ISA_NS avx2
 #define JNAT_ISA_TABLE Avx2Kernels

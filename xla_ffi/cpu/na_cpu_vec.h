@@ -60,7 +60,9 @@ inline void StoreFirst(float* p, Vf v, int64_t n) { __builtin_memcpy(p, &v, size
 // a loaded vector feeds several multiply-adds, GCC otherwise folds the load into each of them
 // as a memory operand, one load per use, and the loads bound the loop.
 inline Vf InRegister(Vf v) {
-#if defined(__x86_64__)
+#if JNAT_ISA_AVX512_ON_AVX2
+  // A 16-float vector is two AVX2 registers, which no asm operand names: no hint.
+#elif defined(__x86_64__)
   __asm__("" : "+x"(v));
 #elif defined(__aarch64__)
   __asm__("" : "+w"(v));
@@ -94,7 +96,7 @@ inline float ReduceAdd(Vf v) {
 
 // Lane j of the result is v[idx[j]] (0 <= idx[j] < kLanes).
 inline Vf Permute(Vf v, Vi idx) {
-#if JNAT_ISA_AVX512
+#if JNAT_ISA_AVX512 && !JNAT_ISA_AVX512_ON_AVX2
   return _mm512_permutexvar_ps(reinterpret_cast<__m512i>(idx), v);
 #elif JNAT_ISA_AVX2
   return _mm256_permutevar8x32_ps(v, reinterpret_cast<__m256i>(idx));
