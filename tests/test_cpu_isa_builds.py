@@ -1,22 +1,25 @@
 """Builds of the CPU module made here with CMake, checked for what the installed one cannot show.
 
-- The default (portable) build keeps each instruction set's instructions inside the kernels
-  compiled for it: its object files, disassembled with their symbols (the module itself is
-  stripped), show AVX-512 instructions only in functions of namespace jnat::cpu::avx512, AVX
-  (VEX-encoded) ones only there and in jnat::cpu::avx2, and only SSE elsewhere, nanobind and
-  the FFI handlers included. So a CPU without AVX-512 (or AVX2) never meets them outside the
-  kernels it is never dispatched to. Checking every object, not just the linked module, also
-  covers inline functions that several instruction sets' files compile: the linker keeps any
-  one of their copies.
+- Each instruction set's instructions stay inside the kernels compiled for it. The build's
+  object files, disassembled with their symbols (the module itself is stripped), show
+  AVX-512 instructions only in functions of namespace jnat::cpu::avx512, AVX (VEX-encoded)
+  ones only there and in jnat::cpu::avx2, and only SSE elsewhere, nanobind and the FFI
+  handlers included: a CPU without AVX-512 (or AVX2) never meets them outside the kernels it
+  is never dispatched to. Checking every object, not just the linked module, also covers
+  inline functions that several instruction sets' files compile: the linker keeps any one of
+  their copies. For the default compiler and for clang.
+- The module builds with clang, the compiler of macOS, whose kernels take the instruction
+  sets through `#pragma clang attribute` (na_cpu_isa_kernels.cc), and passes
+  tests/test_cpu_isa.py (NATTEN golden data, cpu == reference forward and gradients on every
+  instruction set the CPU has, both backward targets, the unfused ops) in a fresh process.
 - The avx512 path's code runs on CPUs without AVX-512. It differs from the avx2 path in more
   than its vector width: 16-query tiles, aligned loads shifted in registers, the scatter tiled
   for 32 vector registers (xla_ffi/cpu/na_cpu_lanes.h), code an AVX2 CPU never runs, so
   there a change to the shared kernel source could break it unseen. CMake's test build
   JNAT_CPU_AVX512_ON_AVX2 compiles that path for AVX2 + FMA (each 16-float vector a pair of
   AVX2 registers, the lane permute in plain code) and offers it as "avx512" on any AVX2 CPU;
-  tests/test_cpu_isa.py's avx512 tests (NATTEN golden data, cpu == reference forward and
-  gradients, both backward targets, the unfused ops) then run against it in a fresh process.
-  Where the CPU has AVX-512, test_cpu_isa.py runs the real path and this one skips.
+  test_cpu_isa.py's avx512 tests then run against it. Where the CPU has AVX-512, they run on
+  the real path in test_cpu_isa.py and this one skips.
 """
 
 import collections
@@ -33,22 +36,38 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 X86 = platform.machine() in ("x86_64", "AMD64")
 MISSING = [tool for tool in ("cmake", "ninja", "objdump") if shutil.which(tool) is None]
-needs_tools = pytest.mark.skipif(
+pytestmark = pytest.mark.skipif(
     not X86 or bool(MISSING),
     reason=f"needs x86-64 and {', '.join(MISSING)} (cmake and ninja come with the README's "
     "test command; objdump with binutils)")
 
 
-def _build(build: pathlib.Path, *options: str) -> pathlib.Path:
-  """Configures and builds the CPU module (no CUDA) in `build`; returns the module's path."""
+def _build(build: pathlib.Path, *options: str, cxx: str = "") -> pathlib.Path:
+  """Configures and builds the CPU module (no CUDA) in `build` with the C++ compiler `cxx`
+  (CMake's default if empty); returns the module's path."""
+  env = dict(os.environ, CXX=cxx) if cxx else None
   subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-G", "Ninja",
                   "-DCMAKE_BUILD_TYPE=Release", "-DJNAT_CUDA=OFF",
                   f"-DPython_EXECUTABLE={sys.executable}", *options],
-                 check=True, capture_output=True, text=True)
+                 check=True, capture_output=True, text=True, env=env)
   subprocess.run(["ninja", "-C", str(build), "_jnat_cpu"], check=True, capture_output=True,
                  text=True)
   (module,) = build.glob("_jnat_cpu*.so")
   return module
+
+
+@pytest.fixture(scope="module")
+def default_build(tmp_path_factory):
+  build = tmp_path_factory.mktemp("default")
+  return build, _build(build)
+
+
+@pytest.fixture(scope="module")
+def clang_build(tmp_path_factory):
+  if shutil.which("clang++") is None:
+    pytest.skip("clang++ is not installed (Debian: clang; .ci/run installs it where it can)")
+  build = tmp_path_factory.mktemp("clang")
+  return build, _build(build, cxx="clang++")
 
 
 LEGACY_PREFIXES = {"f0", "f2", "f3", "2e", "36", "3e", "26", "64", "65", "66", "67"}
@@ -97,10 +116,10 @@ def _vector_instructions(obj: pathlib.Path) -> collections.Counter:
   return counts
 
 
-@needs_tools
-def test_default_build_keeps_each_instruction_set_inside_its_kernels(tmp_path):
-  _build(tmp_path)
-  objects = sorted(tmp_path.glob("CMakeFiles/**/*.o"))
+@pytest.mark.parametrize("compiler", ["default", "clang"])
+def test_each_instruction_set_stays_inside_its_kernels(compiler, request):
+  build, _ = request.getfixturevalue(f"{compiler}_build")
+  objects = sorted(build.glob("CMakeFiles/**/*.o"))
   assert any("jnat_cpu_avx512" in str(o) for o in objects) and any(
       "module.cc" in o.name for o in objects)
   per_function = collections.Counter()
@@ -120,7 +139,39 @@ def test_default_build_keeps_each_instruction_set_inside_its_kernels(tmp_path):
   assert totals[("baseline", "sse")] > 1000
 
 
-@needs_tools
+# Loads a module as jnat's CPU module, checks which build it is, then runs pytest (in this
+# process: no xdist workers, which would import the installed module).
+BOOTSTRAP = """
+import importlib.util, sys
+path, avx512_on_avx2, *args = sys.argv[1:]
+spec = importlib.util.spec_from_file_location("jnat._jnat_cpu", path)
+module = importlib.util.module_from_spec(spec)
+sys.modules["jnat._jnat_cpu"] = module
+spec.loader.exec_module(module)
+assert module.avx512_on_avx2 == (avx512_on_avx2 == "1"), "not the build asked for"
+import pytest
+sys.exit(pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider", *args]))
+"""
+
+
+def _isa_tests(module: pathlib.Path, avx512_on_avx2: bool, *args: str) -> str:
+  """Runs tests/test_cpu_isa.py (pytest arguments `args`) against `module`; returns pytest's
+  summary line, after asserting that they passed."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "JNAT_CPU_ISA"))}
+  run = subprocess.run([sys.executable, "-c", BOOTSTRAP, str(module),
+                        "1" if avx512_on_avx2 else "0", "tests/test_cpu_isa.py", *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+  assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+  summary = run.stdout.strip().splitlines()[-1]
+  assert re.search(r"\d+ passed", summary), summary
+  return summary
+
+
+def test_clang_build_passes_the_isa_tests(clang_build):
+  _, module = clang_build
+  _isa_tests(module, False)
+
+
 def test_avx512_path_passes_the_isa_tests_on_avx2_instructions(tmp_path):
   from jnat.cpu_info import cpu_info
   supported = cpu_info()["supported"]
@@ -129,24 +180,6 @@ def test_avx512_path_passes_the_isa_tests_on_avx2_instructions(tmp_path):
   if "avx2" not in supported:
     pytest.skip("needs a CPU with AVX2 + FMA")
   module = _build(tmp_path, "-DJNAT_CPU_AVX512_ON_AVX2=ON")
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "JNAT_CPU_ISA"))}
-  run = subprocess.run([sys.executable, "-c", BOOTSTRAP, str(module), "-q", "-n", "0",
-                        "-p", "no:cacheprovider", "tests/test_cpu_isa.py", "-k", "avx512"],
-                       cwd=ROOT, env=env, capture_output=True, text=True)
-  assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+  summary = _isa_tests(module, True, "-k", "avx512")
   # Every selected test ran on the avx512 path: none skipped, as they would without it.
-  summary = run.stdout.strip().splitlines()[-1]
-  assert re.search(r"\d+ passed", summary) and "skipped" not in summary, summary
-
-
-# Loads a test build's module as jnat's CPU module, then runs pytest with the given arguments.
-BOOTSTRAP = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("jnat._jnat_cpu", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-sys.modules["jnat._jnat_cpu"] = module
-spec.loader.exec_module(module)
-assert module.avx512_on_avx2, "not the JNAT_CPU_AVX512_ON_AVX2 build"
-import pytest
-sys.exit(pytest.main(sys.argv[2:]))
-"""
+  assert "skipped" not in summary, summary
