@@ -49,7 +49,7 @@ inline void StoreLanesToRows(const float* xt, int64_t n, int64_t D, float* dst,
 
 // Calls f(std::integral_constant<int, n>) for a run-time n in [1, N].
 template <int N, typename F>
-inline void WithCount(int64_t n, F&& f) {
+JNAT_ALWAYS_INLINE inline void WithCount(int64_t n, F&& f) {
   if constexpr (N > 1) {
     if (n < N) return WithCount<N - 1>(n, f);
   }
@@ -179,8 +179,9 @@ inline void LaneDots(int64_t m, const float* const* xt, const float* row, int64_
 // in kMask (others nullptr): mask dispatched to a constant, so that accumulators of the rows
 // not seeing the key row are left alone at no cost.
 template <int M, typename F>
-inline void WithKeyRowWeights(const float* const* w, const KeyRowOf& of, int64_t slots, F&& f) {
-  WithCount<(1 << M) - 1>(of.mask, [&](auto mask) {
+JNAT_ALWAYS_INLINE inline void WithKeyRowWeights(const float* const* w, const KeyRowOf& of,
+                                                 int64_t slots, F&& f) {
+  WithCount<(1 << M) - 1>(of.mask, [&](auto mask) JNAT_ALWAYS_INLINE {
     const float* wr[M];
     for (int i = 0; i < M; ++i) {
       wr[i] = (decltype(mask)::value >> i & 1) ? w[i] + of.at[i] * slots * kLanes : nullptr;
@@ -201,7 +202,8 @@ inline void LaneColumnSumsBlock(const float* const* w, const float* const* rows,
   }
   for (int64_t r = 0; r < n_rows; ++r) {
     const float* row = rows[r] + d0 * W;
-    WithKeyRowWeights<M>(w, of[r], slots, [&](auto mask, const float* const* wr) {
+    WithKeyRowWeights<M>(w, of[r], slots,
+                         [&](auto mask, const float* const* wr) JNAT_ALWAYS_INLINE {
       constexpr int kMask = decltype(mask)::value;
       for (int64_t n = 0; n < slots; ++n) {
         Vf wv[M];
@@ -260,7 +262,8 @@ inline void AlignedColumnSumsBlock(const float* const* w, const float* const* ro
   }
   for (int64_t r = 0; r < n_rows; ++r) {
     const float* row = rows[r] + d0 * W;
-    WithKeyRowWeights<M>(w, of[r], slots, [&](auto mask, const float* const* wr) {
+    WithKeyRowWeights<M>(w, of[r], slots,
+                         [&](auto mask, const float* const* wr) JNAT_ALWAYS_INLINE {
       for (int64_t n = 0; n < slots; n += 8) {
         const float* ws[M];
         for (int i = 0; i < M; ++i) ws[i] = wr[i] + kLanes * n;

@@ -20,6 +20,13 @@
 #include <immintrin.h>
 #endif
 
+// Always inlined, on a function or a lambda: for the dispatch helpers whose callbacks add to
+// accumulators that the caller keeps in registers. Where such a call is not inlined, the
+// accumulators live in memory, a load and a store per multiply-add: clang left them so, and
+// its build took 1.55x GCC's time on the 2D 56² K7 forward (avx2); forced, 1.03x, and GCC's
+// own forward took 0.95x its time before.
+#define JNAT_ALWAYS_INLINE __attribute__((always_inline))
+
 namespace jnat::cpu::JNAT_ISA_NS {
 
 #if JNAT_ISA_AVX512
