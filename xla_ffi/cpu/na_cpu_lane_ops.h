@@ -131,7 +131,7 @@ inline void AlignedDotsBlock(const float* const* xt, const float* row, int64_t W
 
 // Calls f(std::integral_constant<int, base>) for base = n % kLanes, a multiple of 8.
 template <typename F>
-inline void WithBlockBase(int64_t n, F&& f) {
+JNAT_ALWAYS_INLINE inline void WithBlockBase(int64_t n, F&& f) {
   if constexpr (kLanes > 8) {
     if (n % kLanes != 0) return f(std::integral_constant<int, 8>());
   }
@@ -229,14 +229,15 @@ inline void LaneColumnSumsBlock(const float* const* w, const float* const* rows,
 // acc[i][d] += sum over slots kBase + I of wr[i][slot] * lanes (kBase + I ..) of the two
 // aligned vectors of row d, for the ND rows from `row` and the query rows i in kMask.
 template <int M, int ND, int kMask, int kBase, int... I>
-inline void AlignedColumnSumsStep(const float* const* wr, const float* row, int64_t W,
-                                  Vf (*acc)[ND], std::integer_sequence<int, I...>) {
+JNAT_ALWAYS_INLINE inline void AlignedColumnSumsStep(const float* const* wr, const float* row,
+                                                     int64_t W, Vf (*acc)[ND],
+                                                     std::integer_sequence<int, I...>) {
   Vf lo[ND], hi[ND];
   for (int d = 0; d < ND; ++d) {
     lo[d] = Load(row + d * W);
     hi[d] = Load(row + d * W + kLanes);
   }
-  auto slot = [&](auto shift, int64_t n) {
+  auto slot = [&](auto shift, int64_t n) JNAT_ALWAYS_INLINE {
     Vf wv[M];
     for (int i = 0; i < M; ++i) {
       if (kMask >> i & 1) wv[i] = Load(wr[i] + kLanes * n);
@@ -268,8 +269,8 @@ inline void AlignedColumnSumsBlock(const float* const* w, const float* const* ro
         const float* ws[M];
         for (int i = 0; i < M; ++i) ws[i] = wr[i] + kLanes * n;
         const float* group = row + (n / kLanes) * kLanes;
-        WithCount<8>(std::min<int64_t>(8, slots - n), [&](auto count) {
-          WithBlockBase(n, [&](auto base) {
+        WithCount<8>(std::min<int64_t>(8, slots - n), [&](auto count) JNAT_ALWAYS_INLINE {
+          WithBlockBase(n, [&](auto base) JNAT_ALWAYS_INLINE {
             AlignedColumnSumsStep<M, ND, decltype(mask)::value, decltype(base)::value>(
                 ws, group, W, acc, std::make_integer_sequence<int, decltype(count)::value>());
           });
