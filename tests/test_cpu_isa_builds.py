@@ -45,12 +45,13 @@ def _build(build: pathlib.Path, *options: str, cxx: str = "") -> pathlib.Path:
   """Configures and builds the CPU module (no CUDA) in `build` with the C++ compiler `cxx`
   (CMake's default if empty); returns the module's path."""
   env = dict(os.environ, CXX=cxx) if cxx else None
-  subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-G", "Ninja",
-                  "-DCMAKE_BUILD_TYPE=Release", "-DJNAT_CUDA=OFF",
-                  f"-DPython_EXECUTABLE={sys.executable}", *options],
-                 check=True, capture_output=True, text=True, env=env)
-  subprocess.run(["ninja", "-C", str(build), "_jnat_cpu"], check=True, capture_output=True,
-                 text=True)
+  for command in (["cmake", "-S", str(ROOT), "-B", str(build), "-G", "Ninja",
+                   "-DCMAKE_BUILD_TYPE=Release", "-DJNAT_CUDA=OFF",
+                   f"-DPython_EXECUTABLE={sys.executable}", *options],
+                  ["ninja", "-C", str(build), "_jnat_cpu"]):
+    step = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert step.returncode == 0, (
+        f"{' '.join(command)} failed:\n{step.stdout[-4000:]}{step.stderr[-4000:]}")
   (module,) = build.glob("_jnat_cpu*.so")
   return module
 
