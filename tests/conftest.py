@@ -1,9 +1,11 @@
 """GPU-marked tests skip without a CUDA GPU, unless JNAT_REQUIRE_GPU=1 (set by .ci/gpu-run):
 there, a gpu-marked test or any test of test_cuda.py that would skip, for any reason, fails
-instead, so a GPU run cannot pass by checking nothing."""
+instead, so a GPU run cannot pass by checking nothing. Also the session's Arm build of the
+CPU kernels (arm_runner)."""
 
 import functools
 import os
+import shutil
 
 import pytest
 
@@ -50,3 +52,13 @@ def pytest_runtest_makereport(item, call):
   if REQUIRE_GPU and report.skipped and needs_gpu:
     report.outcome = "failed"
     report.longrepr = f"JNAT_REQUIRE_GPU=1 but the test skipped: {report.longrepr}"
+
+
+@pytest.fixture(scope="session")
+def arm_runner(tmp_path_factory):
+  """The CPU kernels built for aarch64 and linked into the runner (tests/arm_kernels.py), once
+  per test process; skips without the cross compiler."""
+  import arm_kernels
+  if shutil.which(arm_kernels.CXX) is None:
+    pytest.skip(f"{arm_kernels.CXX} is not installed (Debian: g++-aarch64-linux-gnu)")
+  return arm_kernels.build(tmp_path_factory.mktemp("arm"))

@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import jnat
-from jnat import _ffi
+from jnat import _ffi, reference
+from jnat._checks import Neighborhood
 
 DATA = pathlib.Path(__file__).parent / "data"
 # On JAX's default platform: every backend, the reference first; those with compiled kernels
@@ -246,6 +247,31 @@ def check_unfused_against_reference(c, backend):
   assert_close(out, ref_out, "float32", "out")
   for name, g, r in zip(grad_names(inputs), grads, ref_grads, strict=True):
     assert_close(g, r, "float32", name)
+
+
+def check_both_backward_targets():
+  """The CPU serves the backward twice: jnat_na_bwd takes the softmax row term delta (the
+  contract every backend shares), jnat_na_bwd_dlse (what jnat's CPU lowering calls) sums
+  rowsum(dout * out) itself and takes only dlse. Both, and the forward they start from,
+  called directly against the reference, with a non-zero dlse, rpb, GQA, strides, dilation
+  and a causal axis."""
+  nbhd = Neighborhood((5, 3, 3), (1, 2, 1), (1, 1, 2), (False, False, True))
+  q, k, v, rpb, _, _ = random_inputs(5, 2, (9, 7, 8), 4, 2, 16, rpb_shape=(9, 5, 5))
+  static, scale = (nbhd, 0.25), 0.25
+  out, lse = _ffi._call("jnat_na_fwd", static, q, k, v, rpb)
+  forward = lambda q, k, v, rpb: reference.na_forward(q, k, v, nbhd, scale, rpb)
+  want_out, want_lse = forward(q, k, v, rpb)
+  assert_close(out, want_out, "float32", "out")
+  assert_close(lse, want_lse, "float32", "lse")
+  rng = np.random.default_rng(6)
+  dout = jnp.asarray(rng.standard_normal(out.shape, np.float32))
+  dlse = jnp.asarray(rng.standard_normal(lse.shape, np.float32))
+  want = jax.vjp(forward, q, k, v, rpb)[1]((dout, dlse))
+  delta = reference.softmax_delta(dout, out, dlse)
+  for target, row_term in (("jnat_na_bwd", delta), ("jnat_na_bwd_dlse", dlse)):
+    got = _ffi._call(target, static, q, k, v, rpb, dout, lse, row_term)
+    for name, g, w in zip(("dq", "dk", "dv", "drpb"), got, want, strict=True):
+      assert_close(g, w, "float32", name)
 
 
 # --- NATTEN's golden data. ---

@@ -1,29 +1,42 @@
-"""The CPU kernels compile for Arm (aarch64, NEON) from the same sources.
+"""The CPU kernels build for Arm (aarch64, NEON) from the same sources (tests/arm_kernels.py).
 
-Cross-compiles the kernel translation units with the aarch64 GNU toolchain when it is
-installed (Debian: g++-aarch64-linux-gnu; .ci/run installs it where it can) and checks that
-the kernels use NEON vector FMAs. Nothing runs on Arm here: this proves the path builds.
+Needs Debian's aarch64 cross compiler (g++-aarch64-linux-gnu; .ci/run installs it where it
+can). The kernel tests of test_cpu_isa.py run on this build under qemu as the path
+"arm-neon"; here, the build itself and the runner that carries those runs.
 """
 
-import pathlib
-import shutil
 import subprocess
 
 import jax.ffi
+import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-CXX, OBJDUMP = "aarch64-linux-gnu-g++", "aarch64-linux-gnu-objdump"
-UNITS = ("na_cpu_isa_kernels", "na_cpu_isa", "na_cpu")
+import arm_kernels
+
+pytestmark = arm_kernels.needs_cross_compiler
 
 
-@pytest.mark.skipif(shutil.which(CXX) is None, reason=f"{CXX} is not installed")
-def test_cpu_kernels_cross_compile_for_aarch64_with_neon(tmp_path):
-  for unit in UNITS:
-    obj = tmp_path / f"{unit}.o"
-    subprocess.run([CXX, "-std=gnu++17", "-O3", "-ffp-contract=fast", "-fPIC", "-w",
-                    f"-I{jax.ffi.include_dir()}", f"-I{ROOT / 'xla_ffi'}", "-c",
-                    str(ROOT / "xla_ffi" / "cpu" / f"{unit}.cc"), "-o", str(obj)], check=True)
-  disassembly = subprocess.run([OBJDUMP, "-d", str(tmp_path / "na_cpu_isa_kernels.o")],
-                               capture_output=True, text=True, check=True).stdout
+def test_cpu_kernels_cross_compile_for_aarch64_with_neon(arm_runner, tmp_path):
+  # The handlers too: they include XLA's FFI headers, which must build for Arm as well.
+  subprocess.run([arm_kernels.CXX, *arm_kernels.FLAGS, f"-I{jax.ffi.include_dir()}", "-c",
+                  str(arm_kernels.ROOT / "xla_ffi" / "cpu" / "na_cpu.cc"), "-o",
+                  str(tmp_path / "na_cpu.o")], check=True)
+  disassembly = subprocess.run(
+      [arm_kernels.OBJDUMP, "-d", str(arm_runner.parent / "na_cpu_isa_kernels.o")],
+      capture_output=True, text=True, check=True).stdout
   assert disassembly.count("fmla\tv") > 10  # vector FMAs on 128-bit NEON registers
+
+
+def test_the_runner_rejects_operands_that_do_not_match_the_geometry(arm_runner, tmp_path):
+  """An error naming the operand, not a read past its end."""
+  if arm_kernels.QEMU is None:
+    pytest.skip("qemu-aarch64 is not installed (Debian: qemu-user)")
+  # B1 H2 Hkv1 D8, 16 tokens along the last axis, kernel 5, no rpb, one thread, scale 0.5.
+  (tmp_path / "geometry.txt").write_text("1 2 1 8  1 1 16  1 1 5  1 1 1  1 1 1  0 0 0  0 1 0.5")
+  for i, n in enumerate((2 * 16 * 8, 16 * 8, 16 * 8 - 1, 0)):  # q, k, v (short by one), rpb
+    np.zeros(n, np.float32).tofile(tmp_path / f"in{i}.bin")
+  proc = subprocess.run([arm_kernels.QEMU, str(arm_runner), "jnat_na_fwd", str(tmp_path)],
+                        capture_output=True, text=True, check=False)
+  assert proc.returncode == 2
+  assert "in2.bin holds 508 bytes; the geometry needs 512" in proc.stderr
+  assert not (tmp_path / "out0.bin").exists()

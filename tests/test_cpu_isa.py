@@ -1,9 +1,11 @@
-"""The CPU kernels on every instruction set this machine supports (jnat.cpu_info).
+"""The CPU kernels on every instruction set this machine supports (jnat.cpu_info), and on Arm.
 
 One build holds the kernels for several instruction sets; each test here selects them in
 turn in process (the private _jnat_cpu.set_isa, the same switch as JNAT_CPU_ISA), reusing
 one compiled executable per configuration: golden data, cpu == xla forward and gradients
-on random configurations, and bitwise-deterministic backward passes.
+on random configurations, and bitwise-deterministic backward passes. The same tests run on
+the kernels of the aarch64 build (NEON) under qemu where the cross compiler and qemu-user
+are installed (path "arm-neon", tests/arm_kernels.py).
 """
 
 import os
@@ -17,11 +19,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from jnat import _ffi, reference
-from jnat._checks import Neighborhood
+import arm_kernels
 from jnat.cpu_info import cpu_info
-from na_testing import (BUCKETS, COMPILED_BACKENDS, GOLDEN, WEIGHT_CASES, assert_close,
-                        bucket_config, check_fused_against_natten,
+from na_testing import (BUCKETS, COMPILED_BACKENDS, GOLDEN, WEIGHT_CASES, bucket_config,
+                        check_both_backward_targets, check_fused_against_natten,
                         check_fused_against_reference, check_unfused_against_natten,
                         check_unfused_against_reference, random_inputs)
 from na_testing import EXAMPLES, MASKS, SEEDS, SETTINGS
@@ -29,6 +30,7 @@ from na_testing import EXAMPLES, MASKS, SEEDS, SETTINGS
 pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS, reason="no CPU kernels built")
 
 ALL_ISAS = ("avx512", "avx2", "baseline")
+ARM = "arm-neon"  # the aarch64 build's kernels (its baseline path, NEON), under emulation
 
 
 def _supported():
@@ -38,9 +40,16 @@ def _supported():
     return []
 
 
-@pytest.fixture(params=ALL_ISAS)
+@pytest.fixture(scope="module", params=ALL_ISAS + (ARM,))
 def isa(request):
-  """Selects one instruction set's kernels for the test, restoring the previous one after."""
+  """Selects one instruction set's kernels for the module's tests that take it (pytest runs
+  them grouped by path), restoring the previous one after."""
+  if request.param == ARM:
+    if arm_kernels.QEMU is None:
+      pytest.skip("qemu-aarch64 is not installed (Debian: qemu-user)")
+    with arm_kernels.emulating(request.getfixturevalue("arm_runner")):
+      yield ARM
+    return
   if request.param not in _supported():
     pytest.skip(f"this CPU does not support {request.param}")
   from jnat import _jnat_cpu
@@ -112,24 +121,7 @@ def test_unfused_matches_reference(isa, bucket, seed):
 
 
 def test_both_backward_targets_match_the_reference(isa):
-  """The CPU serves the backward twice: jnat_na_bwd takes the softmax row term delta (the
-  contract every backend shares), jnat_na_bwd_dlse (what jnat's CPU lowering calls) sums
-  rowsum(dout * out) itself and takes only dlse. Both against the reference's vjp, with a
-  non-zero dlse, rpb, GQA, strides, dilation and a causal axis."""
-  nbhd = Neighborhood((5, 3, 3), (1, 2, 1), (1, 1, 2), (False, False, True))
-  q, k, v, rpb, _, _ = random_inputs(5, 2, (9, 7, 8), 4, 2, 16, rpb_shape=(9, 5, 5))
-  static, scale = (nbhd, 0.25), 0.25
-  out, lse = _ffi._call("jnat_na_fwd", static, q, k, v, rpb)
-  rng = np.random.default_rng(6)
-  dout = jnp.asarray(rng.standard_normal(out.shape, np.float32))
-  dlse = jnp.asarray(rng.standard_normal(lse.shape, np.float32))
-  forward = lambda q, k, v, rpb: reference.na_forward(q, k, v, nbhd, scale, rpb)
-  want = jax.vjp(forward, q, k, v, rpb)[1]((dout, dlse))
-  delta = reference.softmax_delta(dout, out, dlse)
-  for target, row_term in (("jnat_na_bwd", delta), ("jnat_na_bwd_dlse", dlse)):
-    got = _ffi._call(target, static, q, k, v, rpb, dout, lse, row_term)
-    for name, g, w in zip(("dq", "dk", "dv", "drpb"), got, want, strict=True):
-      assert_close(g, w, "float32", name)
+  check_both_backward_targets()
 
 
 @jax.jit
