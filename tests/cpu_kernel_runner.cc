@@ -12,9 +12,10 @@
 // operand's size is checked against the geometry; the outputs start as NaN, so an entry a
 // kernel fails to write shows. The kernels are those the module would select at load
 // (JNAT_CPU_ISA, else the best the CPU supports), run on `threads` threads of their own.
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <iterator>
@@ -89,7 +90,14 @@ int main(int argc, char** argv) {
     if (!f) Fail("cannot parse " + dir + "/geometry.txt");
     for (int a = 0; a < 3; ++a) s.causal[a] = causal[a] != 0;
   }
-  if (s.kv_heads < 1 || s.heads % s.kv_heads != 0 || threads < 1) Fail("invalid geometry");
+  // The windows' rules (jnat's Python checks; the handlers' in common/na_params.h).
+  bool valid = s.batch >= 0 && s.heads >= 0 && s.kv_heads >= 1 && s.heads % s.kv_heads == 0 &&
+               s.dim >= 1 && threads >= 1;
+  for (int a = 0; a < 3; ++a) {
+    valid = valid && s.kernel[a] >= 1 && s.dilation[a] >= 1 && s.stride[a] >= 1 &&
+            s.stride[a] <= s.kernel[a] && s.kernel[a] <= s.length[a] / s.dilation[a];
+  }
+  if (!valid) Fail("invalid geometry in " + dir + "/geometry.txt");
 
   // Operand sizes by role (xla_ffi/cpu/na_cpu.cc): Q [B,tokens,H,D], KV [B,tokens,Hkv,D],
   // R rpb [H,RR] (empty without), L [B,tokens,H], A [B,tokens,H,window].
@@ -153,7 +161,9 @@ int main(int argc, char** argv) {
     kernels->av_backward(s, workers, in[0].data(), in[1].data(), in[2].data(), out[0].data(),
                          out[1].data());
   }
-  for (size_t i = 0; i < out.size(); ++i) WriteFloats(dir + "/out" + std::to_string(i) + ".bin", out[i]);
+  for (size_t i = 0; i < out.size(); ++i) {
+    WriteFloats(dir + "/out" + std::to_string(i) + ".bin", out[i]);
+  }
   std::printf("%s\n", jnat::cpu::IsaName(jnat::cpu::ActiveIsa()));
   return 0;
 }

@@ -27,16 +27,25 @@ def test_cpu_kernels_cross_compile_for_aarch64_with_neon(arm_runner, tmp_path):
   assert disassembly.count("fmla\tv") > 10  # vector FMAs on 128-bit NEON registers
 
 
-def test_the_runner_rejects_operands_that_do_not_match_the_geometry(arm_runner, tmp_path):
-  """An error naming the operand, not a read past its end."""
+# B1 H2 Hkv1 D8, 16 tokens along the last axis, kernel 5 (or 17: longer than the axis), no
+# rpb, one thread, scale 0.5; q, k, v (short by one float) and rpb.
+GEOMETRY = "1 2 1 8  1 1 16  1 1 {kernel}  1 1 1  1 1 1  0 0 0  0 1 0.5"
+OPERANDS = (2 * 16 * 8, 16 * 8, 16 * 8 - 1, 0)
+
+
+@pytest.mark.parametrize("kernel, error", [
+    (5, "in2.bin holds 508 bytes; the geometry needs 512"),
+    (17, "invalid geometry"),
+])
+def test_the_runner_rejects_what_does_not_fit(arm_runner, tmp_path, kernel, error):
+  """An error, not a read past an operand's end."""
   if arm_kernels.QEMU is None:
     pytest.skip("qemu-aarch64 is not installed (Debian: qemu-user)")
-  # B1 H2 Hkv1 D8, 16 tokens along the last axis, kernel 5, no rpb, one thread, scale 0.5.
-  (tmp_path / "geometry.txt").write_text("1 2 1 8  1 1 16  1 1 5  1 1 1  1 1 1  0 0 0  0 1 0.5")
-  for i, n in enumerate((2 * 16 * 8, 16 * 8, 16 * 8 - 1, 0)):  # q, k, v (short by one), rpb
+  (tmp_path / "geometry.txt").write_text(GEOMETRY.format(kernel=kernel))
+  for i, n in enumerate(OPERANDS):
     np.zeros(n, np.float32).tofile(tmp_path / f"in{i}.bin")
   proc = subprocess.run([arm_kernels.QEMU, str(arm_runner), "jnat_na_fwd", str(tmp_path)],
                         capture_output=True, text=True, check=False)
   assert proc.returncode == 2
-  assert "in2.bin holds 508 bytes; the geometry needs 512" in proc.stderr
+  assert error in proc.stderr
   assert not (tmp_path / "out0.bin").exists()

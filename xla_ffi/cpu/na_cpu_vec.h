@@ -107,6 +107,12 @@ inline Vf Permute(Vf v, Vi idx) {
   return _mm512_permutexvar_ps(reinterpret_cast<__m512i>(idx), v);
 #elif JNAT_ISA_AVX2
   return _mm256_permutevar8x32_ps(v, reinterpret_cast<__m256i>(idx));
+#elif defined(__aarch64__)
+  // One table lookup over the vector's bytes: lane j takes bytes 4 idx[j] .. 4 idx[j] + 3.
+  // (The loop below compiles to a store and a load per lane.)
+  const Vi bytes = idx * 0x04040404 + 0x03020100;
+  return reinterpret_cast<Vf>(
+      vqtbl1q_u8(reinterpret_cast<uint8x16_t>(v), reinterpret_cast<uint8x16_t>(bytes)));
 #else
   Vf r;
   for (int j = 0; j < kLanes; ++j) r[j] = v[idx[j]];
