@@ -26,6 +26,9 @@ from jnat import _ffi
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CXX, OBJDUMP = "aarch64-linux-gnu-g++", "aarch64-linux-gnu-objdump"
+# The compilers the kernels are built with: GCC, and clang (macOS's compiler) targeting the
+# same Linux system; GCC links both.
+COMPILERS = {"gcc": [CXX], "clang": ["clang++", "--target=aarch64-linux-gnu"]}
 QEMU = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
 # CMakeLists.txt's JNAT_CPU_FLAGS; with no target flags, aarch64's baseline is NEON.
 FLAGS = ["-std=gnu++17", "-O3", "-fno-math-errno", "-ffp-contract=fast", "-fPIC", "-w",
@@ -37,13 +40,18 @@ needs_cross_compiler = pytest.mark.skipif(
     shutil.which(CXX) is None, reason=f"{CXX} is not installed (Debian: g++-aarch64-linux-gnu)")
 
 
-def build(out: pathlib.Path) -> pathlib.Path:
-  """Compiles the kernels (objects `<unit>.o` in `out`) and links the runner; returns it."""
+def build(out: pathlib.Path, compiler: str = "gcc") -> pathlib.Path:
+  """Compiles the kernels with `compiler` (objects `<unit>.o` in `out`) and links the runner;
+  returns it. Skips the test when a tool is missing."""
+  command = COMPILERS[compiler]
+  for tool in {CXX, command[0]}:
+    if shutil.which(tool) is None:
+      pytest.skip(f"{tool} is not installed (Debian: g++-aarch64-linux-gnu, clang)")
   sources = [ROOT / "xla_ffi" / "cpu" / f"{u}.cc" for u in KERNEL_UNITS]
   objects = []
   for source in sources + [ROOT / "tests" / "cpu_kernel_runner.cc"]:
     objects.append(out / f"{source.stem}.o")
-    subprocess.run([CXX, *FLAGS, "-c", str(source), "-o", str(objects[-1])], check=True)
+    subprocess.run([*command, *FLAGS, "-c", str(source), "-o", str(objects[-1])], check=True)
   # Static: qemu then needs no aarch64 libraries.
   subprocess.run([CXX, "-static", "-pthread", *map(str, objects), "-o", str(out / "runner")],
                  check=True)

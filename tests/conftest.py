@@ -5,7 +5,6 @@ CPU kernels (arm_runner)."""
 
 import functools
 import os
-import shutil
 
 import pytest
 
@@ -56,9 +55,9 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session")
 def arm_runner(tmp_path_factory):
-  """The CPU kernels built for aarch64 and linked into the runner (tests/arm_kernels.py), once
-  per test process; skips without the cross compiler."""
+  """arm_runner(compiler): the CPU kernels built for aarch64 by "gcc" or "clang" and linked
+  into the runner (tests/arm_kernels.py), once per test process and compiler; skips without
+  the tools."""
   import arm_kernels
-  if shutil.which(arm_kernels.CXX) is None:
-    pytest.skip(f"{arm_kernels.CXX} is not installed (Debian: g++-aarch64-linux-gnu)")
-  return arm_kernels.build(tmp_path_factory.mktemp("arm"))
+  return functools.cache(
+      lambda compiler: arm_kernels.build(tmp_path_factory.mktemp(f"arm-{compiler}"), compiler))

@@ -1,8 +1,9 @@
 """The CPU kernels build for Arm (aarch64, NEON) from the same sources (tests/arm_kernels.py).
 
 Needs Debian's aarch64 cross compiler (g++-aarch64-linux-gnu; .ci/run installs it where it
-can). The kernel tests of test_cpu_isa.py run on this build under qemu as the path
-"arm-neon"; here, the build itself and the runner that carries those runs.
+can), and clang for the clang build. The kernel tests of test_cpu_isa.py run on these builds
+under qemu as the paths "arm-neon" and "arm-neon-clang"; here, the builds themselves and the
+runner that carries those runs.
 """
 
 import subprocess
@@ -16,15 +17,18 @@ import arm_kernels
 pytestmark = arm_kernels.needs_cross_compiler
 
 
-def test_cpu_kernels_cross_compile_for_aarch64_with_neon(arm_runner, tmp_path):
+@pytest.mark.parametrize("compiler", arm_kernels.COMPILERS)
+def test_cpu_kernels_cross_compile_for_aarch64_with_neon(arm_runner, compiler, tmp_path):
+  kernels = arm_runner(compiler).parent / "na_cpu_isa_kernels.o"
+  disassembly = subprocess.run([arm_kernels.OBJDUMP, "-d", str(kernels)], capture_output=True,
+                               text=True, check=True).stdout
+  assert disassembly.count("fmla\tv") > 10  # vector FMAs on 128-bit NEON registers
+  assert disassembly.count("tbl\tv") > 10  # lane permutes in registers (Permute)
   # The handlers too: they include XLA's FFI headers, which must build for Arm as well.
-  subprocess.run([arm_kernels.CXX, *arm_kernels.FLAGS, f"-I{jax.ffi.include_dir()}", "-c",
+  subprocess.run([*arm_kernels.COMPILERS[compiler], *arm_kernels.FLAGS,
+                  f"-I{jax.ffi.include_dir()}", "-c",
                   str(arm_kernels.ROOT / "xla_ffi" / "cpu" / "na_cpu.cc"), "-o",
                   str(tmp_path / "na_cpu.o")], check=True)
-  disassembly = subprocess.run(
-      [arm_kernels.OBJDUMP, "-d", str(arm_runner.parent / "na_cpu_isa_kernels.o")],
-      capture_output=True, text=True, check=True).stdout
-  assert disassembly.count("fmla\tv") > 10  # vector FMAs on 128-bit NEON registers
 
 
 # B1 H2 Hkv1 D8, 16 tokens along the last axis, kernel 5 (or 17: longer than the axis), no
@@ -44,7 +48,7 @@ def test_the_runner_rejects_what_does_not_fit(arm_runner, tmp_path, kernel, erro
   (tmp_path / "geometry.txt").write_text(GEOMETRY.format(kernel=kernel))
   for i, n in enumerate(OPERANDS):
     np.zeros(n, np.float32).tofile(tmp_path / f"in{i}.bin")
-  proc = subprocess.run([arm_kernels.QEMU, str(arm_runner), "jnat_na_fwd", str(tmp_path)],
+  proc = subprocess.run([arm_kernels.QEMU, str(arm_runner("gcc")), "jnat_na_fwd", str(tmp_path)],
                         capture_output=True, text=True, check=False)
   assert proc.returncode == 2
   assert error in proc.stderr

@@ -5,7 +5,7 @@ turn in process (the private _jnat_cpu.set_isa, the same switch as JNAT_CPU_ISA)
 one compiled executable per configuration: golden data, cpu == xla forward and gradients
 on random configurations, and bitwise-deterministic backward passes. The same tests run on
 the kernels of the aarch64 build (NEON) under qemu where the cross compiler and qemu-user
-are installed (path "arm-neon", tests/arm_kernels.py).
+are installed (paths "arm-neon" and, built by clang, "arm-neon-clang"; tests/arm_kernels.py).
 """
 
 import os
@@ -30,7 +30,8 @@ from na_testing import EXAMPLES, MASKS, SEEDS, SETTINGS
 pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS, reason="no CPU kernels built")
 
 ALL_ISAS = ("avx512", "avx2", "baseline")
-ARM = "arm-neon"  # the aarch64 build's kernels (its baseline path, NEON), under emulation
+# The aarch64 build's kernels (its baseline path, NEON) under emulation, by GCC and by clang.
+ARM = {"arm-neon": "gcc", "arm-neon-clang": "clang"}
 
 
 def _supported():
@@ -40,15 +41,15 @@ def _supported():
     return []
 
 
-@pytest.fixture(scope="module", params=ALL_ISAS + (ARM,))
+@pytest.fixture(scope="module", params=ALL_ISAS + tuple(ARM))
 def isa(request):
   """Selects one instruction set's kernels for the module's tests that take it (pytest runs
   them grouped by path), restoring the previous one after."""
-  if request.param == ARM:
+  if request.param in ARM:
     if arm_kernels.QEMU is None:
       pytest.skip("qemu-aarch64 is not installed (Debian: qemu-user)")
-    with arm_kernels.emulating(request.getfixturevalue("arm_runner")):
-      yield ARM
+    with arm_kernels.emulating(request.getfixturevalue("arm_runner")(ARM[request.param])):
+      yield request.param
     return
   if request.param not in _supported():
     pytest.skip(f"this CPU does not support {request.param}")
