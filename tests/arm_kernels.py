@@ -1,10 +1,10 @@
 """jnat's CPU kernels built for Arm (aarch64, whose baseline path is NEON) and run under
-emulation, for the tests: test_cpu_arm.py checks the build, test_cpu_isa.py runs its kernel
-tests on it as one more instruction-set path ("arm-neon").
+emulation, for the tests: test_cpu_arm.py checks the builds, test_cpu_isa.py runs its kernel
+tests on them as two more instruction-set paths ("arm-neon", "arm-neon-clang").
 
-The kernels' translation units are cross-compiled with Debian's aarch64 GNU toolchain
-(g++-aarch64-linux-gnu) and linked with tests/cpu_kernel_runner.cc into a static aarch64
-program; qemu-user runs it. While `emulating` is active, every kernel call of jnat's "cpu"
+The kernels' translation units are cross-compiled by Debian's aarch64 GNU toolchain
+(g++-aarch64-linux-gnu) or by clang, and linked with tests/cpu_kernel_runner.cc into a
+static aarch64 program; qemu-user runs it. While `emulating` is active, every kernel call of jnat's "cpu"
 backend goes to that program (operands as raw float32 files, through jax.pure_callback)
 instead of the x86 module, so the op-level checks hold the Arm kernels' results to NATTEN's
 golden data and to the xla reference. qemu translates the instructions; it does not time
