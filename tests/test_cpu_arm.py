@@ -6,6 +6,7 @@ under qemu as the paths "arm-neon" and "arm-neon-clang"; here, the builds themse
 runner that carries those runs.
 """
 
+import os
 import subprocess
 
 import jax.ffi
@@ -31,25 +32,48 @@ def test_cpu_kernels_cross_compile_for_aarch64_with_neon(arm_runner, compiler, t
                   str(tmp_path / "na_cpu.o")], check=True)
 
 
-# B1 H2 Hkv1 D8, 16 tokens along the last axis, kernel 5 (or 17: longer than the axis), no
-# rpb, one thread, scale 0.5; q, k, v (short by one float) and rpb.
-GEOMETRY = "1 2 1 8  1 1 16  1 1 {kernel}  1 1 1  1 1 1  0 0 0  0 1 0.5"
-OPERANDS = (2 * 16 * 8, 16 * 8, 16 * 8 - 1, 0)
-
-
-@pytest.mark.parametrize("kernel, error", [
-    (5, "in2.bin holds 508 bytes; the geometry needs 512"),
-    (17, "invalid geometry"),
-])
-def test_the_runner_rejects_what_does_not_fit(arm_runner, tmp_path, kernel, error):
-  """An error, not a read past an operand's end."""
+def _run_forward(runner, directory, kernel=5, v_floats=16 * 8, isa=None):
+  """The runner's jnat_na_fwd on zeros: B1 H2 Hkv1 D8, 16 tokens along the last axis, kernel
+  `kernel`, no rpb, one thread, scale 0.5; v of `v_floats` floats; JNAT_CPU_ISA=`isa`."""
   if arm_kernels.QEMU is None:
     pytest.skip("qemu-aarch64 is not installed (Debian: qemu-user)")
-  (tmp_path / "geometry.txt").write_text(GEOMETRY.format(kernel=kernel))
-  for i, n in enumerate(OPERANDS):
-    np.zeros(n, np.float32).tofile(tmp_path / f"in{i}.bin")
-  proc = subprocess.run([arm_kernels.QEMU, str(arm_runner("gcc")), "jnat_na_fwd", str(tmp_path)],
-                        capture_output=True, text=True, check=False)
+  geometry = f"1 2 1 8  1 1 16  1 1 {kernel}  1 1 1  1 1 1  0 0 0  0 1 0.5"
+  (directory / "geometry.txt").write_text(geometry)
+  for i, n in enumerate((2 * 16 * 8, 16 * 8, v_floats, 0)):  # q, k, v, rpb
+    np.zeros(n, np.float32).tofile(directory / f"in{i}.bin")
+  env = {k: v for k, v in os.environ.items() if k != "JNAT_CPU_ISA"}
+  if isa is not None:
+    env["JNAT_CPU_ISA"] = isa
+  return subprocess.run([arm_kernels.QEMU, str(runner), "jnat_na_fwd", str(directory)],
+                        capture_output=True, text=True, check=False, env=env)
+
+
+@pytest.mark.parametrize("change, error", [
+    (dict(v_floats=16 * 8 - 1), "in2.bin holds 508 bytes; the geometry needs 512"),
+    (dict(kernel=17), "invalid geometry"),  # a window longer than the axis
+])
+def test_the_runner_rejects_what_does_not_fit(arm_runner, tmp_path, change, error):
+  """An error, not a read past an operand's end."""
+  proc = _run_forward(arm_runner("gcc"), tmp_path, **change)
   assert proc.returncode == 2
   assert error in proc.stderr
   assert not (tmp_path / "out0.bin").exists()
+
+
+@pytest.mark.parametrize("isa, outcome", [
+    (None, "baseline"),
+    ("baseline", "baseline"),
+    ("avx2", "JNAT_CPU_ISA=avx2: CPU instruction set 'avx2' is not supported by this CPU; it "
+             "supports: baseline"),
+])
+def test_arm_selects_its_one_instruction_set(arm_runner, tmp_path, isa, outcome):
+  """On Arm the baseline (NEON) is the only path: picked by default and by name, and the
+  x86 names are a clear error."""
+  proc = _run_forward(arm_runner("gcc"), tmp_path, isa=isa)
+  if outcome == "baseline":
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["baseline"]
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "out0.bin", np.float32), 0.0)
+  else:
+    assert proc.returncode == 2
+    assert outcome in proc.stderr
