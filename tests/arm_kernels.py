@@ -36,10 +36,6 @@ FLAGS = ["-std=gnu++17", "-O3", "-fno-math-errno", "-ffp-contract=fast", "-fPIC"
 KERNEL_UNITS = ("na_cpu_isa_kernels", "na_cpu_isa")
 THREADS = 3  # the runner's threads: an odd count, so that the backward splits work into bands
 
-needs_cross_compiler = pytest.mark.skipif(
-    shutil.which(CXX) is None, reason=f"{CXX} is not installed (Debian: g++-aarch64-linux-gnu)")
-
-
 def build(out: pathlib.Path, compiler: str = "gcc") -> pathlib.Path:
   """Compiles the kernels with `compiler` (objects `<unit>.o` in `out`) and links the runner;
   returns it. Skips the test when a tool is missing."""
