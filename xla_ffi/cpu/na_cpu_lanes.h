@@ -342,6 +342,21 @@ inline int64_t KeyRowSpan(const NaGeometry& s) {
   return span;
 }
 
+// What the fused forward and backward take from the geometry alone. Their units of work are
+// (block of query rows, tile) pairs: unit u is tile u % n_tiles of block u / n_tiles.
+struct LanePlan {
+  std::vector<LaneTile> tiles;  // of one spatial row
+  ColumnLayout layout;          // of the transposed k and v rows
+  std::vector<int64_t> row_order;  // the spatial rows, blocked (BlockedRowOrder)
+  int64_t ring;      // spatial rows a PlaneTransposed holds (KeyRowSpan)
+  int64_t n_tiles, rows, n_blocks;
+
+  explicit LanePlan(const NaGeometry& s)
+      : tiles(LaneTilesOfRow(s)), layout(s, tiles), row_order(BlockedRowOrder(s)),
+        ring(KeyRowSpan(s)), n_tiles(static_cast<int64_t>(tiles.size())),
+        rows(s.length[0] * s.length[1]), n_blocks((rows + kRowBlock - 1) / kRowBlock) {}
+};
+
 // Where one tile of one head lives: its queries' token rows and the key rows of its windows.
 struct LaneTask {
   const LaneTile* tile = nullptr;
@@ -599,16 +614,11 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
                              float* out, float* lse) {
   const std::vector<float> rpb_padded = PaddedRpb(s, rpb);
   if (rpb != nullptr) rpb = rpb_padded.data();
-  std::vector<LaneTile> tiles = LaneTilesOfRow(s);
-  const ColumnLayout layout(s, tiles);
-  const std::vector<int64_t> row_order = BlockedRowOrder(s);
-  const int64_t ring = KeyRowSpan(s);
-  const int64_t n_tiles = static_cast<int64_t>(tiles.size()), rows = s.length[0] * s.length[1];
-  const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
-  const int64_t G = s.group(), units = n_blocks * n_tiles;
+  const LanePlan plan(s);
+  const int64_t G = s.group(), units = plan.n_blocks * plan.n_tiles;
   // kv heads that run together: as many as keep their transposed rows (k and v) within
   // HeadsBytes(), so that they stay in the L2 cache.
-  const int64_t head_bytes = 2 * 4 * PlaneTransposed::HeadFloats(s, layout, ring);
+  const int64_t head_bytes = 2 * 4 * PlaneTransposed::HeadFloats(s, plan.layout, plan.ring);
   const int64_t chunk = std::clamp<int64_t>(HeadsBytes() / head_bytes, 1, s.kv_heads);
   const int64_t chunks = (s.kv_heads + chunk - 1) / chunk, planes = s.batch * chunks;
   const bool threads = WorthThreads(s);
@@ -626,8 +636,8 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
   ForEachItem(workers, threads, planes * bands,
               [&] {
                 return Scratch{LaneScratch(s, kRowBlock),
-                               PlaneTransposed(s, layout, ring, chunk, 0),
-                               PlaneTransposed(s, layout, ring, chunk, 1)};
+                               PlaneTransposed(s, plan.layout, plan.ring, chunk, 0),
+                               PlaneTransposed(s, plan.layout, plan.ring, chunk, 1)};
               },
               [&](Scratch& sc, int64_t item) {
     const int64_t b = item / bands / chunks, hk0 = item / bands % chunks * chunk;
@@ -635,9 +645,10 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
     const int64_t u0 = item % bands * band_len, u1 = std::min(units, u0 + band_len);
     // The query rows of q and out that unit u reads and writes, all heads.
     auto prefetch = [&](int64_t u) {
-      const LaneTile& tile = tiles[u % n_tiles];
-      for (int64_t i = 0; i < std::min<int64_t>(kRowBlock, rows - u / n_tiles * kRowBlock); ++i) {
-        const int64_t row = row_order[u / n_tiles * kRowBlock + i];
+      const LaneTile& tile = plan.tiles[u % plan.n_tiles];
+      const int64_t first = u / plan.n_tiles * kRowBlock;
+      for (int64_t i = 0; i < std::min<int64_t>(kRowBlock, plan.rows - first); ++i) {
+        const int64_t row = plan.row_order[first + i];
         PrefetchTile<false>(s, q, b, row, tile, hk0 * G, heads * G);
         PrefetchTile<true>(s, out, b, row, tile, hk0 * G, heads * G);
       }
@@ -646,12 +657,12 @@ inline void LaneFusedForward(const NaGeometry& s, const Workers& workers, const 
     int64_t block = -1;
     for (int64_t u = u0; u < u1; ++u) {
       if (u + 1 < u1) prefetch(u + 1);
-      if (u / n_tiles != block) {
-        block = u / n_tiles;
-        StartBlock(s, row_order, block, b, sc.lanes, blk);
+      if (u / plan.n_tiles != block) {
+        block = u / plan.n_tiles;
+        StartBlock(s, plan.row_order, block, b, sc.lanes, blk);
         CoverKeyRows(k, v, b, hk0, heads, blk.union_row, blk.n_union, sc.kt, sc.vt);
       }
-      for (int64_t i = 0; i < blk.n; ++i) blk.task[i].tile = &tiles[u % n_tiles];
+      for (int64_t i = 0; i < blk.n; ++i) blk.task[i].tile = &plan.tiles[u % plan.n_tiles];
       for (int64_t hk = hk0; hk < hk0 + heads; ++hk) {
         for (int64_t g = 0; g < G; ++g) {  // heads sharing the kv head: the same key rows
           for (int64_t i = 0; i < blk.n; ++i) {
@@ -940,24 +951,19 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
                               float scale, float* dq, float* dk, float* dv, float* drpb) {
   const std::vector<float> rpb_padded = PaddedRpb(s, rpb);
   if (rpb != nullptr) rpb = rpb_padded.data();
-  std::vector<LaneTile> tiles = LaneTilesOfRow(s);
-  const ColumnLayout layout(s, tiles);
-  const std::vector<int64_t> row_order = BlockedRowOrder(s);
-  const int64_t ring = KeyRowSpan(s);
-  const int64_t n_tiles = static_cast<int64_t>(tiles.size()), rows = s.length[0] * s.length[1];
-  const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
+  const LanePlan plan(s);
   const int64_t G = s.group(), RR = s.rpb_size();
   struct Scratch {
     LaneScratch lanes;
     PlaneTransposed kt, vt;
     AlignedFloats rpb_lanes;  // [G][RR][kLanes]: the item's rpb gradient by lane
   };
-  ForEachScatterItem(s, workers, n_blocks * n_tiles, PaddedDim(s), dk, dv,
+  ForEachScatterItem(s, workers, plan.n_blocks * plan.n_tiles, PaddedDim(s), dk, dv,
                      rpb != nullptr ? drpb : nullptr,
                      [&] {
                        return Scratch{LaneScratch(s, kRowBlock * G),
-                                      PlaneTransposed(s, layout, ring, 1, 0),
-                                      PlaneTransposed(s, layout, ring, 1, 1),
+                                      PlaneTransposed(s, plan.layout, plan.ring, 1, 0),
+                                      PlaneTransposed(s, plan.layout, plan.ring, 1, 1),
                                       AlignedFloats(rpb != nullptr ? G * RR * kLanes : 0)};
                      },
                      [&](Scratch& sc, const ScatterItem& it) {
@@ -966,13 +972,13 @@ inline void LaneFusedBackward(const NaGeometry& s, const Workers& workers, const
     LaneBlock blk;
     int64_t block = -1;
     for (int64_t u = it.tile_begin; u < it.tile_end; ++u) {
-      if (u / n_tiles != block) {
-        block = u / n_tiles;
-        StartBlock(s, row_order, block, it.b, sc.lanes, blk);
+      if (u / plan.n_tiles != block) {
+        block = u / plan.n_tiles;
+        StartBlock(s, plan.row_order, block, it.b, sc.lanes, blk);
         CoverKeyRows(k, v, it.b, it.hk, 1, blk.union_row, blk.n_union, sc.kt, sc.vt);
       }
       for (int64_t i = 0; i < blk.n; ++i) {
-        blk.task[i].tile = &tiles[u % n_tiles];
+        blk.task[i].tile = &plan.tiles[u % plan.n_tiles];
         blk.task[i].hk = it.hk;
       }
       for (int64_t g = 0; g < G; ++g) {
