@@ -4,6 +4,7 @@ GPU time is scarce, so a typo in that script (an unknown flag, a missing file) m
 on a CPU machine, not a GPU run.
 """
 
+import json
 import os
 import pathlib
 import shlex
@@ -18,7 +19,7 @@ from jnat import bench
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / ".ci" / "gpu-run"
 STAGES = ["build", "import", "gputests", "suite", "sanitize", "bench", "tcbwd", "train",
-          "torchtrain"]
+          "torchtrain", "cpubench"]
 DEFAULT_STAGES = ["build", "import", "gputests", "suite", "sanitize", "bench"]
 
 
@@ -61,11 +62,12 @@ def test_results_stay_a_handful_of_files(commands):
   assert "/results" not in SCRIPT.read_text().split("--target", 1)[1].split("\n", 1)[0]
 
 
+class Parsed(Exception):
+  """Raised by a stand-in for bench.run: the command line parsed, nothing is timed."""
+
+
 def test_bench_command_parses(commands, monkeypatch):
   seen = {}
-
-  class Parsed(Exception):
-    pass
 
   def fake_run(suite, repeats, **_):
     seen.update(suite=suite, repeats=repeats)
@@ -128,3 +130,51 @@ def test_deadline_skips_stages_it_cannot_fit(tmp_path):
   summary = (tmp_path / "summary.txt").read_text().split("\n")
   assert [line.split()[:2] for line in summary if line] == [["bench", "skipped"],
                                                             ["train", "skipped"]]
+
+
+def test_cpubench_runs_the_cpu_bench_once_per_vector_path(tmp_path, monkeypatch):
+  """The cpubench stage, run here with a stand-in for `python3 -m jnat.bench` that records
+  how it was called: one call per path this CPU supports but the baseline, each pinned to
+  two cores on the CPU platform, with arguments the real benchmark accepts."""
+  if len(os.sched_getaffinity(0)) < 2 or not shutil.which("taskset"):
+    pytest.skip("needs two cores and taskset")
+  calls = tmp_path / "calls.jsonl"
+  fake = tmp_path / "bin" / "python3"
+  fake.parent.mkdir()
+  fake.write_text(f"""#!{sys.executable}
+import json, os, sys
+args = sys.argv[1:]
+if args[:2] == ["-m", "jnat.bench"]:
+  with open({str(calls)!r}, "a") as f:
+    f.write(json.dumps(dict(isa=os.environ.get("JNAT_CPU_ISA"),
+                            platforms=os.environ.get("JAX_PLATFORMS"),
+                            cores=sorted(os.sched_getaffinity(0)), args=args[2:])) + "\\n")
+  out = args[args.index("--out") + 1]
+  with open(out.rsplit(".", 1)[0] + ".md", "w") as f:
+    f.write("table of " + os.environ["JNAT_CPU_ISA"] + "\\n")
+  sys.exit(0)
+os.execv({sys.executable!r}, [{sys.executable!r}] + args)
+""")
+  fake.chmod(0o755)
+  proc = subprocess.run(["bash", str(SCRIPT), "cpubench"], capture_output=True, text=True,
+                        env={**os.environ, "OUT": str(tmp_path / "out"),
+                             "JNAT_GPU_LOGS": str(tmp_path / "logs"),
+                             "PATH": f"{fake.parent}:{os.environ['PATH']}"})
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  import jnat
+  paths = [i for i in jnat.cpu_info()["supported"] if i != "baseline"]
+  recorded = [json.loads(line) for line in calls.read_text().splitlines()]
+  assert [c["isa"] for c in recorded] == paths
+  assert all(c["platforms"] == "cpu" and c["cores"] == [0, 1] for c in recorded)
+  assert (tmp_path / "out" / "cpubench.md").read_text() == "".join(
+      f"table of {p}\n" for p in paths)
+  seen = {}
+
+  def fake_run(suite, repeats, only, **_):
+    seen.update(suite=suite, only=only)
+    raise Parsed
+
+  monkeypatch.setattr(bench, "run", fake_run)
+  with pytest.raises(Parsed):
+    bench.main(recorded[0]["args"])
+  assert seen == dict(suite="cpu", only=["jnat cpu"])
