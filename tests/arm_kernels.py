@@ -4,8 +4,8 @@ tests on them as two more instruction-set paths ("arm-neon", "arm-neon-clang").
 
 The kernels' translation units are cross-compiled by Debian's aarch64 GNU toolchain
 (g++-aarch64-linux-gnu) or by clang, and linked with tests/cpu_kernel_runner.cc into a
-static aarch64 program; qemu-user runs it. While `emulating` is active, every kernel call of jnat's "cpu"
-backend goes to that program (operands as raw float32 files, through jax.pure_callback)
+static aarch64 program; qemu-user runs it. While `emulating` is active, every kernel call of
+jnat's "cpu" backend goes to that program (operands as raw float32 files, through jax.pure_callback)
 instead of the x86 module, so the op-level checks hold the Arm kernels' results to NATTEN's
 golden data and to the xla reference. qemu translates the instructions; it does not time
 them, so nothing here says how fast the Arm kernels are.
@@ -35,6 +35,7 @@ FLAGS = ["-std=gnu++17", "-O3", "-fno-math-errno", "-ffp-contract=fast", "-fPIC"
          f"-I{ROOT / 'xla_ffi'}"]
 KERNEL_UNITS = ("na_cpu_isa_kernels", "na_cpu_isa")
 THREADS = 3  # the runner's threads: an odd count, so that the backward splits work into bands
+
 
 def build(out: pathlib.Path, compiler: str = "gcc") -> pathlib.Path:
   """Compiles the kernels with `compiler` (objects `<unit>.o` in `out`) and links the runner;

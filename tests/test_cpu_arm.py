@@ -1,9 +1,9 @@
 """The CPU kernels build for Arm (aarch64, NEON) from the same sources (tests/arm_kernels.py).
 
 Needs Debian's aarch64 cross compiler (g++-aarch64-linux-gnu; .ci/run installs it where it
-can), and clang for the clang build; arm_runner skips without them. The kernel tests of test_cpu_isa.py run on these builds
-under qemu as the paths "arm-neon" and "arm-neon-clang"; here, the builds themselves and the
-runner that carries those runs.
+can), and clang for the clang build; arm_runner skips without them. The kernel tests of
+test_cpu_isa.py run on these builds under qemu as the paths "arm-neon" and "arm-neon-clang";
+here, the builds themselves and the runner that carries those runs.
 """
 
 import os

@@ -136,8 +136,10 @@ def test_cpubench_runs_the_cpu_bench_once_per_vector_path(tmp_path, monkeypatch)
   """The cpubench stage, run here with a stand-in for `python3 -m jnat.bench` that records
   how it was called: one call per path this CPU supports but the baseline, each pinned to
   two cores on the CPU platform, with arguments the real benchmark accepts."""
-  if len(os.sched_getaffinity(0)) < 2 or not shutil.which("taskset"):
-    pytest.skip("needs two cores and taskset")
+  import jnat
+  paths = [i for i in jnat.cpu_info()["supported"] if i != "baseline"]
+  if not paths or not {0, 1} <= os.sched_getaffinity(0) or not shutil.which("taskset"):
+    pytest.skip("needs a vector path beyond the baseline, cores 0 and 1, and taskset")
   calls = tmp_path / "calls.jsonl"
   fake = tmp_path / "bin" / "python3"
   fake.parent.mkdir()
@@ -161,8 +163,6 @@ os.execv({sys.executable!r}, [{sys.executable!r}] + args)
                              "JNAT_GPU_LOGS": str(tmp_path / "logs"),
                              "PATH": f"{fake.parent}:{os.environ['PATH']}"})
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  import jnat
-  paths = [i for i in jnat.cpu_info()["supported"] if i != "baseline"]
   recorded = [json.loads(line) for line in calls.read_text().splitlines()]
   assert [c["isa"] for c in recorded] == paths
   assert all(c["platforms"] == "cpu" and c["cores"] == [0, 1] for c in recorded)

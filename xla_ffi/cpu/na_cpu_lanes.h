@@ -345,10 +345,10 @@ inline int64_t KeyRowSpan(const NaGeometry& s) {
 // What the fused forward and backward take from the geometry alone. Their units of work are
 // (block of query rows, tile) pairs: unit u is tile u % n_tiles of block u / n_tiles.
 struct LanePlan {
-  std::vector<LaneTile> tiles;  // of one spatial row
-  ColumnLayout layout;          // of the transposed k and v rows
+  std::vector<LaneTile> tiles;     // of one spatial row
+  ColumnLayout layout;             // of the transposed k and v rows
   std::vector<int64_t> row_order;  // the spatial rows, blocked (BlockedRowOrder)
-  int64_t ring;      // spatial rows a PlaneTransposed holds (KeyRowSpan)
+  int64_t ring;                    // spatial rows a PlaneTransposed holds (KeyRowSpan)
   int64_t n_tiles, rows, n_blocks;
 
   explicit LanePlan(const NaGeometry& s)
